@@ -1,0 +1,128 @@
+"""The `livo` command. Each subcommand parses its arguments and calls one flow or library function.
+
+Bad input raises LivoError; it is printed as one line `livo: error: ...` and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flows import env  # noqa: F401  (sets offline/quiet environment before Prefect loads)
+from livo_core.errors import LivoError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config file (.toml/.yaml/.json); defaults are the embedded toy world")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set render.steps=10 (repeatable)")
+    p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
+    p.add_argument("--values", help="comma-separated value ids (config: values)")
+    p.add_argument("--prompt-source", choices=["template", "llm"], help="config: prompt_source")
+    p.add_argument("--device", help="auto, cpu or cuda (config: device)")
+
+
+def config_from_args(args: argparse.Namespace, out_dir=None):
+    """Build the validated RunConfig from --config, direct flags and --set overrides."""
+    from livo_core.config import load_config, parse_override
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    direct = {
+        "base_model": getattr(args, "base_model", None),
+        "values": args.values.split(",") if getattr(args, "values", None) else None,
+        "prompt_source": getattr(args, "prompt_source", None),
+        "device": getattr(args, "device", None),
+        "out_dir": str(out_dir) if out_dir else None,
+    }
+    overrides.update({k: v for k, v in direct.items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livo", description="LiVO: align text-to-image diffusion with human values.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dataset", help="build a preference dataset (prompt pairs -> renders -> judge -> Parquet shards)")
+    p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
+    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
+    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
+    _config_args(p)
+
+    p = sub.add_parser("resume", help="finish whatever is incomplete in a dataset run directory")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("train", help="train a value encoder on a dataset run directory")
+    p.add_argument("--data", required=True, action="append", help="dataset run directory (repeatable)")
+    p.add_argument("--out", required=True, help="training output directory")
+    p.add_argument("--train-config", help="training config file (.toml/.yaml/.json)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config field, e.g. --set max_steps=200")
+
+    p = sub.add_parser("import-livo-data", help="convert the official LiVO data layout into livo shards")
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("retrieve", help="which value principle applies to a prompt (or not applicable)")
+    p.add_argument("prompt")
+    p.add_argument("--values-file", help="YAML file of value principles")
+    p.add_argument("--use-llm", action="store_true", help="let the configured LLM decide among candidates")
+    _config_args(p)
+
+    p = sub.add_parser("generate", help="generate images with a value encoder")
+    p.add_argument("prompt")
+    p.add_argument("--encoder", required=True, help="value encoder folder (or a training output dir)")
+    p.add_argument("--out", required=True, help="output PNG file (a grid when --num-images > 1)")
+    p.add_argument("--value", help="value id; default: retrieved from the prompt")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", type=float, help="bias values: share of samples generated with the value")
+    _config_args(p)
+
+    p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
+    tw = p.add_subparsers(dest="toyworld_command", required=True)
+    b = tw.add_parser("build", help="train the world model and world CLIP from scratch (deterministic)")
+    b.add_argument("--out", help="output folder (default: data/toyworld in the project)")
+    b.add_argument("--steps", type=int, help="UNet steps (default: the full build)")
+
+    p = sub.add_parser("demo", help="run the whole LiVO loop on the toy world and measure it")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
+
+    p = sub.add_parser("deploy", help="create the Prefect deployments against the configured Prefect API")
+    p.add_argument("--prefect-yaml", default=None)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "dataset":
+            from flows.dataset import cli_dataset
+            return cli_dataset(args)
+        if args.command == "resume":
+            from flows.dataset import cli_resume
+            return cli_resume(args)
+        handlers = {
+            "train": ("flows.training", "cli_train"),
+            "import-livo-data": ("flows.training", "cli_import_livo_data"),
+            "retrieve": ("flows.inference", "cli_retrieve"),
+            "generate": ("flows.inference", "cli_generate"),
+            "toyworld": ("flows.demo", "cli_toyworld"),
+            "demo": ("flows.demo", "cli_demo"),
+            "deploy": ("flows.deployments", "cli_deploy"),
+        }
+        module, func = handlers[args.command]
+        import importlib
+        return getattr(importlib.import_module(module), func)(args)
+    except LivoError as e:
+        print(f"livo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("livo: interrupted; finished shards are kept, run `livo resume` to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""One validated run config for every livo job.
+
+Defaults are the embedded toy world (no GPU, no LLM key, no downloads). A real run changes the config:
+see `data/configs/sd15.toml`. Load with `load_config(path, overrides)`; an invalid config raises a
+LivoError that names the field, before any work is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from livo_core.errors import LivoError
+from livo_core.paths import TOYWORLD_DIR
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos; fail on them instead of silently ignoring a setting.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LLMConfig(_Strict):
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama). None = OpenAI.")
+    model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the key. The key itself is never stored.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    max_retries: int = Field(2, ge=0, le=10, description="openai client retries on 429/5xx/connection errors.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    pairs_per_request: int = Field(8, ge=1, le=50, description="Prompt pairs asked for per LLM request.")
+    reask: int = Field(1, ge=0, le=5, description="Re-asks when the reply is not valid JSON for the schema.")
+
+
+class RenderConfig(_Strict):
+    steps: int = Field(20, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale.")
+    height: int = Field(32, ge=8, description="Image height in pixels (multiple of 8).")
+    width: int = Field(32, ge=8, description="Image width in pixels (multiple of 8).")
+    batch_size: int = Field(32, ge=1, description="Images per pipeline call.")
+    negative_prompt: str | None = Field(None, description="Negative prompt for every render.")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class ClassifierChoice(_Strict):
+    name: Literal["nudenet", "clip_concept", "clip_attribute", "toyworld"] = Field(description="Safety classifier.")
+    threshold: float = Field(0.5, ge=0, le=1, description="Score at or above which an image is judged violating (toxicity) or confidently assigned an attribute (bias).")
+
+
+class JudgeConfig(_Strict):
+    clip_model: str = Field(f"local-dir:{TOYWORLD_DIR / 'clip'}", description="open_clip model name (e.g. ViT-L-14) or local-dir:<folder>.")
+    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file (e.g. openai); None for local-dir models.")
+    clip_min_score: float = Field(0.2, ge=-1, le=1, description="Minimum cosine similarity of each image with its render prompt.")
+    classifiers: dict[str, ClassifierChoice] = Field(default_factory=dict, description="Per value id: override the classifier named in the values file.")
+
+
+class RunConfig(_Strict):
+    out_dir: Path | None = Field(None, description="Run directory (set by --out).")
+    base_model: str = Field(str(TOYWORLD_DIR / "model"), description="Stable Diffusion 1.x: local diffusers folder or hub id.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda if available, else cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU.")
+    values_file: Path = Field(TOYWORLD_DIR / "values.yaml", description="YAML file of value principles.")
+    values: list[str] = Field(default_factory=list, description="Value ids to build data for; empty = all in values_file.")
+    seeds_file: Path = Field(TOYWORLD_DIR / "seeds.yaml", description="YAML seed lists and templates for the offline template prompt source.")
+    policy_text: str | None = Field(None, description="Short policy text; with prompt_source=llm the LLM proposes extra principles from it.")
+    prompt_source: Literal["template", "llm"] = Field("template", description="template = offline seed lists; llm = OpenAI-compatible endpoint.")
+    prompts_per_value: int = Field(8, ge=1, description="Prompt pairs per value principle.")
+    images_per_prompt: int = Field(2, ge=1, description="Candidate image pairs (seeds) per prompt pair.")
+    seed: int = Field(0, ge=0, description="Base seed; every image's seed is derived from it and recorded.")
+    shard_size: int = Field(16, ge=1, description="Candidate pairs per shard.")
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the data (not where it is written)."""
+        payload = self.model_dump(mode="json", exclude={"out_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        """Write as JSON. Holds no secret: the LLM key is only ever named, never stored."""
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LivoError(f"config file {path} not found: pass an existing .toml, .yaml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise LivoError(f"config file {path}: unknown extension {path.suffix!r}; use .toml, .yaml or .json")
+    except LivoError:
+        raise
+    except Exception as e:  # parse errors of any of the three formats
+        raise LivoError(f"config file {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); fix its syntax") from e
+    if not isinstance(data, dict):
+        raise LivoError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise LivoError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`render.steps=10` -> ("render.steps", 10); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise LivoError(f"override {item!r} must look like section.field=value (e.g. render.steps=10)")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Config file (optional) + dotted overrides -> validated RunConfig, or a LivoError naming the field."""
+    data = _read_file(Path(path)) if path else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
+        raise LivoError(f"invalid config field '{field}': {err['msg']}{got_s}{more}") from None

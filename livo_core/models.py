@@ -1,0 +1,152 @@
+"""Loading models for real runs, and building tiny ones from config files for tests and benches.
+
+Real users load Stable Diffusion and CLIP with `from_pretrained(local folder or hub id)`. Here, with no
+model hub, tests build tiny models of the same classes from `data/model_configs/*.json` and save them as
+ordinary diffusers / open_clip folders, so every code path is the one real weights take.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from livo_core.errors import LivoError
+from livo_core.paths import data_path
+
+
+# --------------------------------------------------------------------------- device and dtype
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LivoError("device=cuda asked for but no CUDA GPU is visible; use device=auto or device=cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 halves memory and doubles speed on GPUs; CPUs lack fast fp16 kernels.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+# --------------------------------------------------------------------------- offline CLIP tokenizer
+def write_clip_tokenizer(folder: Path) -> Path:
+    """Write a CLIPTokenizer (vocab.json + merges.txt) built from the BPE vocab bundled in open_clip.
+
+    Gives ids identical to the real CLIP tokenizer (SD 1.5's), without a download.
+    """
+    import open_clip.tokenizer as oct
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_symbols = list(oct.bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return folder
+
+
+def clip_tokenizer(folder: Path | None = None):
+    """A CLIPTokenizer from `folder`, or the offline one (cached under the package's build dir)."""
+    from transformers import CLIPTokenizer
+
+    if folder is None:
+        folder = _offline_tokenizer_dir()
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+@lru_cache(maxsize=1)
+def _offline_tokenizer_dir() -> Path:
+    cache = Path(os.environ.get("LIVO_CACHE", Path.home() / ".cache" / "livo")) / "clip_tokenizer"
+    if not (cache / "merges.txt").exists():
+        write_clip_tokenizer(cache)
+    return cache
+
+
+# --------------------------------------------------------------------------- tiny models from configs
+def _model_config(name: str) -> dict:
+    cfg = json.loads(data_path("model_configs", f"{name}.json").read_text())
+    cfg.pop("_comment", None)
+    return cfg
+
+
+def build_tiny_sd(folder: Path, config: str = "tiny-sd", seed: int = 0) -> Path:
+    """Build a random-weight StableDiffusionPipeline from `data/model_configs/<config>.json`; save it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = _model_config(config)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**cfg["unet"]),
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def build_tiny_clip(folder: Path, config: str = "tiny-clip", seed: int = 0) -> str:
+    """Build a random-weight open_clip model from a config, save it, return its `local-dir:` name."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = _model_config(config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    return f"local-dir:{folder}"
+
+
+# --------------------------------------------------------------------------- loading for real runs
+def check_model_source(name: str, what: str = "base_model") -> None:
+    """Fail early, with the fix, when a local model folder is missing (hub ids pass through)."""
+    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_hub_id(name)
+    if looks_local and not Path(name).expanduser().exists():
+        raise LivoError(f"{what} folder {name} does not exist: point {what} at a diffusers model folder or a hub id")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_sd_pipeline(name: str, device: str = "auto", dtype: str = "auto"):
+    """StableDiffusionPipeline from a local folder or hub id, on the resolved device and dtype."""
+    from diffusers import StableDiffusionPipeline
+
+    check_model_source(name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(name, dtype=dt, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise LivoError(f"cannot load Stable Diffusion model {name!r} ({str(e).splitlines()[0]}); "
+                        "give a diffusers folder (model_index.json inside) or a reachable hub id") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
