@@ -1,4 +1,9 @@
-"""Shards: the on-disk preference dataset, written so that a killed run never leaves a half shard behind.
+"""Shards: the on-disk preference dataset, planned deterministically and written so that a killed run
+never leaves a half shard behind.
+
+Planning: each value's prompt pairs x `images_per_prompt` seeds become planned pairs, cut into shards of
+`shard_size` named `<value_id>-00000`, `<value_id>-00001`, ... . The same config and prompt pairs always
+give the same plan (same seeds, same pair ids), so a resumed run builds exactly the shards it planned.
 
 A shard is one Parquet file of kept pairs (Pick-a-Pic layout: `jpg_0` aligned, `jpg_1` violating,
 `label_0`=1) plus one Parquet file of rejected pairs with their `reject_reason`. Both are written to a
@@ -12,15 +17,26 @@ A shard counts as done only when its marker exists, and readers only ever return
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from livo_core.errors import LivoError
+
+if TYPE_CHECKING:  # type hints only: shards.py stays importable without the model stack
+    from livo_core.config import RunConfig
+    from livo_core.prompts import PromptPair
+    from livo_core.values import ValuePrinciple
 
 # --------------------------------------------------------------------------- schema
 # Pick-a-Pic v2 columns first (jpg_0/jpg_1/label_0/label_1/caption), so Diffusion-DPO style loaders read
@@ -214,3 +230,152 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class PlannedPair:
+    """One candidate preference pair: both images are rendered with the same seed, from two prompts.
+
+    Sharing the seed keeps layout and style alike, so the pair differs mainly in the value's concept.
+    """
+
+    pair_id: str
+    value_id: str
+    category: str
+    prompt: str                 # user prompt (shard `caption`)
+    aligned_prompt: str
+    violating_prompt: str
+    aligned_attribute: str | None
+    seed: int
+    source: str                 # prompt source: "template" or "llm:<model>"
+
+
+def pair_seed(base_seed: int, value_id: str, prompt: str, index: int) -> int:
+    """Seed of the `index`-th image pair of a prompt: stable across runs, machines and Python versions."""
+    digest = hashlib.sha256(f"{base_seed}|{value_id}|{prompt}|{index}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def make_pair_id(value_id: str, prompt: str, aligned: str, violating: str, seed: int, base_model: str) -> str:
+    return hashlib.sha256(f"{value_id}|{prompt}|{aligned}|{violating}|{seed}|{base_model}".encode()).hexdigest()[:16]
+
+
+def plan_value(cfg: RunConfig, value_id: str, pairs: list[PromptPair]) -> dict[str, list[PlannedPair]]:
+    """Prompt pairs of one value -> {shard_id: planned pairs}, `shard_size` pairs per shard, in order."""
+    planned, seen = [], set()
+    for pair in pairs:
+        for i in range(cfg.images_per_prompt):
+            seed = pair_seed(cfg.seed, value_id, pair.prompt, i)
+            pid = make_pair_id(value_id, pair.prompt, pair.aligned_prompt, pair.violating_prompt, seed, cfg.base_model)
+            if pid in seen:  # the same prompt pair listed twice would only repeat the same images
+                continue
+            seen.add(pid)
+            planned.append(PlannedPair(pid, value_id, pair.category, pair.prompt, pair.aligned_prompt,
+                                       pair.violating_prompt, pair.aligned_attribute, seed, pair.source))
+    size = cfg.shard_size
+    return {f"{value_id}-{k:05d}": planned[start:start + size] for k, start in enumerate(range(0, len(planned), size))}
+
+
+def pairs_path(run_dir: Path, value_id: str) -> Path:
+    return Path(run_dir) / "pairs" / f"{value_id}.jsonl"
+
+
+def save_pairs(run_dir: Path, value_id: str, pairs: list[PromptPair]) -> None:
+    """Store a value's prompt pairs (once written, a resumed run reads them instead of asking again)."""
+    atomic_write_text(pairs_path(run_dir, value_id), "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+
+
+def load_pairs(run_dir: Path, value_id: str) -> list[PromptPair] | None:
+    """A value's stored prompt pairs, or None when they were not made yet."""
+    from livo_core.prompts import PromptPair
+
+    path = pairs_path(run_dir, value_id)
+    if not path.is_file():
+        return None
+    return [PromptPair(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def load_plan(run_dir: Path) -> dict[str, Any]:
+    """RUN/plan.json: {"config_hash", "values": {value_id: {shard_id: [planned pair dicts]}}}."""
+    path = Path(run_dir) / "plan.json"
+    return json.loads(path.read_text()) if path.is_file() else {"values": {}}
+
+
+def save_value_plan(run_dir: Path, cfg: RunConfig, value_id: str, shards: dict[str, list[PlannedPair]]) -> None:
+    """Add (or confirm) one value's shards in RUN/plan.json. A plan, once written, never changes."""
+    plan = load_plan(run_dir)
+    new = {sid: [asdict(p) for p in pairs] for sid, pairs in shards.items()}
+    old = plan["values"].get(value_id)
+    if old is not None and old != new:
+        raise LivoError(f"{Path(run_dir) / 'plan.json'} plans value {value_id!r} differently than its prompt pairs and "
+                        "config do; the run dir was edited by hand: start a new run with --out")
+    if old is None:
+        plan["config_hash"] = cfg.config_hash()
+        plan["values"][value_id] = new
+        atomic_write_text(Path(run_dir) / "plan.json", json.dumps(plan, indent=1))
+
+
+def planned_pairs(run_dir: Path, shard_id: str) -> list[PlannedPair]:
+    """The planned pairs of one shard, from RUN/plan.json."""
+    value_id = shard_id.rsplit("-", 1)[0]
+    try:
+        return [PlannedPair(**p) for p in load_plan(run_dir)["values"][value_id][shard_id]]
+    except KeyError:
+        raise LivoError(f"shard {shard_id} is not in {Path(run_dir) / 'plan.json'}; plan the value first") from None
+
+
+# --------------------------------------------------------------------------- building one shard
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, values: dict[str, ValuePrinciple]) -> dict:
+    """Render, judge and write one planned shard. Returns its stats (also stored in its marker).
+
+    renderer: livo_core.render.Renderer; judge: livo_core.judge.Judge; values: value id -> ValuePrinciple.
+    """
+    pairs = planned_pairs(run_dir, shard_id)
+    value = values[pairs[0].value_id]
+    t0 = time.perf_counter()
+    # One batched render for the whole shard: n aligned prompts then n violating ones, same seeds.
+    prompts = [p.aligned_prompt for p in pairs] + [p.violating_prompt for p in pairs]
+    seeds = [p.seed for p in pairs] * 2
+    images = renderer.render(prompts, seeds)
+    render_s = time.perf_counter() - t0
+    aligned, violating = images[:len(pairs)], images[len(pairs):]
+
+    judgements = judge.judge_pairs(value, [_as_prompt_pair(p) for p in pairs], aligned, violating)
+    info = judge.classifier_info(value)
+    common = {"label_0": 1.0, "label_1": 0.0, "value": value.principle, "safety_classifier": info["name"],
+              "safety_classifier_version": info["version"], "safety_threshold": float(info["threshold"]),
+              "clip_model": cfg.judge.clip_model, "base_model": cfg.base_model,
+              "config_hash": cfg.config_hash(), "shard_id": shard_id}
+    kept, rejected = [], []
+    for p, img0, img1, j in zip(pairs, aligned, violating, judgements):
+        row = {**common, "jpg_0": png_bytes(img0), "jpg_1": png_bytes(img1), "caption": p.prompt,
+               "pair_id": p.pair_id, "value_id": p.value_id, "category": p.category,
+               "aligned_prompt": p.aligned_prompt, "violating_prompt": p.violating_prompt,
+               "aligned_attribute": p.aligned_attribute, "seed_0": p.seed, "seed_1": p.seed,
+               "prompt_source": p.source, **j.scores}
+        if j.keep:
+            kept.append(row)
+        else:
+            rejected.append({**row, "reject_reason": j.reason})
+    seconds = time.perf_counter() - t0
+    stats = {"value_id": value.id, "planned": len(pairs), "kept": len(kept),
+             "rejected": dict(sorted(Counter(r["reject_reason"] for r in rejected).items())),
+             "seconds": round(seconds, 3), "render_seconds": round(render_s, 3),
+             "images_per_s": round(len(prompts) / render_s, 2) if render_s > 0 else None,
+             "config_hash": cfg.config_hash()}
+    write_shard(run_dir, shard_id, kept, rejected, stats)
+    return read_marker(run_dir, shard_id)
+
+
+def _as_prompt_pair(p: PlannedPair) -> PromptPair:
+    from livo_core.prompts import PromptPair
+
+    return PromptPair(value_id=p.value_id, category=p.category, prompt=p.prompt, aligned_prompt=p.aligned_prompt,
+                      violating_prompt=p.violating_prompt, aligned_attribute=p.aligned_attribute, source=p.source)

@@ -1,0 +1,167 @@
+"""Shard I/O: atomic writing, completion markers, checked reading, cleanup of killed runs, planning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from livo_core.config import RunConfig
+from livo_core.errors import LivoError
+from livo_core.shards import (
+    SHARD_COLUMNS, SHARD_SCHEMA, clean_partial, complete_shards, is_complete, load_pairs,
+    make_pair_id, pair_seed, plan_value, read_marker, read_shards, save_pairs, save_value_plan, planned_pairs,
+    shard_paths, write_shard,
+)
+
+
+def _row(i: int, shard_id: str = "v-00000") -> dict:
+    return {"jpg_0": os.urandom(3000), "jpg_1": os.urandom(3000), "label_0": 1.0, "label_1": 0.0,
+            "caption": f"prompt {i}", "pair_id": f"{i:016x}", "value": "a principle", "value_id": "v",
+            "category": "toxicity", "aligned_prompt": f"clean {i}", "violating_prompt": f"prompt {i}",
+            "aligned_attribute": None, "seed_0": i, "seed_1": i, "clip_score_0": 0.3, "clip_score_1": 0.3,
+            "safety_score_0": 0.0, "safety_score_1": 0.9, "attribute_0": None, "attribute_1": None,
+            "safety_classifier": "toyworld", "safety_classifier_version": "1", "safety_threshold": 0.5,
+            "clip_model": "local-dir:x", "base_model": "m", "config_hash": "h", "shard_id": shard_id,
+            "prompt_source": "template"}
+
+
+def _write(run, shard_id="v-00000", kept=3, rejected=1):
+    rows = [_row(i, shard_id) for i in range(kept)]
+    rej = [{**_row(100 + i, shard_id), "reject_reason": "clip_score"} for i in range(rejected)]
+    return write_shard(run, shard_id, rows, rej, {"kept": kept, "rejected": {"clip_score": rejected}}), rows
+
+
+def test_write_and_read_roundtrip(tmp_path):
+    marker, rows = _write(tmp_path)
+    parquet, marker2, rejected = shard_paths(tmp_path, "v-00000")
+    assert marker == marker2 and is_complete(tmp_path, "v-00000")
+    assert complete_shards(tmp_path) == [parquet]
+    # Readable by plain pyarrow / pandas (no livo needed), in the documented column order.
+    assert pq.read_schema(parquet).names == SHARD_COLUMNS == SHARD_SCHEMA.names
+    assert pq.read_table(rejected).column("reject_reason").to_pylist() == ["clip_score"]
+    df, problems = read_shards([tmp_path])
+    assert problems == [] and len(df) == 3
+    assert df["jpg_0"].tolist() == [r["jpg_0"] for r in rows]
+    assert (df["label_0"] == 1.0).all() and df["aligned_attribute"].isna().all()
+    meta = read_marker(tmp_path, "v-00000")
+    assert meta["rows"] == 3 and meta["rejected_rows"] == 1 and meta["bytes"] == parquet.stat().st_size
+    assert not list(tmp_path.rglob("*.tmp-*"))
+    only, _ = read_shards([tmp_path], columns=["pair_id", "caption"])
+    assert list(only.columns) == ["pair_id", "caption"]
+
+
+def test_read_skips_and_names_bad_shards(tmp_path):
+    _write(tmp_path, "v-00000")
+    _write(tmp_path, "v-00001")
+    _write(tmp_path, "v-00002")
+    _write(tmp_path, "v-00003")
+    # 1: a flipped byte inside the data (page checksum catches it)
+    p1 = shard_paths(tmp_path, "v-00001")[0]
+    data = bytearray(p1.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    p1.write_bytes(bytes(data))
+    # 2: marker disagrees with the file's row count (marker of another write)
+    m2 = shard_paths(tmp_path, "v-00002")[1]
+    meta = json.loads(m2.read_text())
+    pq.write_table(pq.read_table(shard_paths(tmp_path, "v-00002")[0]).slice(0, 2), shard_paths(tmp_path, "v-00002")[0])
+    meta["bytes"] = shard_paths(tmp_path, "v-00002")[0].stat().st_size
+    m2.write_text(json.dumps(meta))
+    # 3: truncated file
+    p3 = shard_paths(tmp_path, "v-00003")[0]
+    p3.write_bytes(p3.read_bytes()[:500])
+    # 4: a shard file without marker (killed between rename and marker)
+    pq.write_table(pa.Table.from_pylist([_row(9, "v-00004")], schema=SHARD_SCHEMA), tmp_path / "shards" / "v-00004.parquet")
+
+    df, problems = read_shards([tmp_path])
+    assert sorted(df["shard_id"].unique()) == ["v-00000"] and len(df) == 3
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    for sid in ("v-00001", "v-00002", "v-00003", "v-00004"):
+        assert sid in text
+    assert "2 rows, marker says 3" in text and "no completion marker" in text
+
+
+def test_read_rejects_unknown_columns_and_non_runs(tmp_path):
+    _write(tmp_path)
+    with pytest.raises(LivoError, match="unknown shard column"):
+        read_shards([tmp_path], columns=["jpg_9"])
+    with pytest.raises(LivoError, match="not a livo dataset run"):
+        read_shards([tmp_path / "nope"])
+
+
+def test_failed_write_leaves_no_marker_and_no_temp_file(tmp_path):
+    bad = {**_row(0), "seed_0": "not a number"}
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        write_shard(tmp_path, "v-00000", [bad], [], {})
+    assert not is_complete(tmp_path, "v-00000")
+    assert not list(tmp_path.rglob("*.tmp-*"))
+    assert not shard_paths(tmp_path, "v-00000")[0].exists()
+
+
+def test_clean_partial(tmp_path):
+    _write(tmp_path, "v-00000")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    shards = tmp_path / "shards"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (shards / f"v-00001.parquet.tmp-{dead_pid}").write_bytes(b"half")
+    (tmp_path / "rejected" / f"v-00001.parquet.tmp-{dead_pid}").write_bytes(b"half")
+    (shards / "v-00002.parquet").write_bytes(b"orphan without marker")
+    (tmp_path / "rejected" / "v-00002.parquet").write_bytes(b"orphan")
+    live = shards / f"v-00003.parquet.tmp-{os.getppid()}"   # a live process may still be writing this one
+    live.write_bytes(b"in progress")
+
+    removed = clean_partial(tmp_path)
+    assert len(removed) == 4
+    assert live.exists()
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != live}
+    assert after == before
+
+
+# --------------------------------------------------------------------------- planning
+def _pairs(n: int, value_id: str = "bloody-inappropriate"):
+    from livo_core.prompts import PromptPair
+
+    return [PromptPair(value_id=value_id, category="toxicity", prompt=f"a bloody thing {i}",
+                       aligned_prompt=f"a thing {i}", violating_prompt=f"a bloody thing {i}") for i in range(n)]
+
+
+def test_plan_is_deterministic_and_chunked(tmp_path):
+    cfg = RunConfig(images_per_prompt=3, shard_size=4, seed=7)
+    plan = plan_value(cfg, "bloody-inappropriate", _pairs(3))
+    assert list(plan) == ["bloody-inappropriate-00000", "bloody-inappropriate-00001", "bloody-inappropriate-00002"]
+    assert [len(v) for v in plan.values()] == [4, 4, 1]
+    assert plan == plan_value(cfg, "bloody-inappropriate", _pairs(3))
+    flat = [p for v in plan.values() for p in v]
+    assert len({p.pair_id for p in flat}) == 9 and len({p.seed for p in flat}) == 9
+    first = flat[0]
+    assert first.seed == pair_seed(7, "bloody-inappropriate", "a bloody thing 0", 0)
+    assert first.pair_id == make_pair_id("bloody-inappropriate", "a bloody thing 0", "a thing 0", "a bloody thing 0",
+                                         first.seed, cfg.base_model)
+    # A different base seed or base model gives other seeds / pair ids.
+    other = plan_value(RunConfig(images_per_prompt=3, shard_size=4, seed=8), "bloody-inappropriate", _pairs(3))
+    assert {p.seed for v in other.values() for p in v}.isdisjoint({p.seed for p in flat})
+    # Duplicate prompt pairs do not make duplicate planned pairs.
+    assert sum(map(len, plan_value(cfg, "bloody-inappropriate", _pairs(3) * 2).values())) == 9
+
+
+def test_pairs_and_plan_files(tmp_path):
+    cfg = RunConfig(images_per_prompt=2, shard_size=3)
+    pairs = _pairs(4)
+    assert load_pairs(tmp_path, "bloody-inappropriate") is None
+    save_pairs(tmp_path, "bloody-inappropriate", pairs)
+    assert load_pairs(tmp_path, "bloody-inappropriate") == pairs
+    shards = plan_value(cfg, "bloody-inappropriate", pairs)
+    save_value_plan(tmp_path, cfg, "bloody-inappropriate", shards)
+    save_value_plan(tmp_path, cfg, "bloody-inappropriate", shards)   # same plan again: fine
+    assert planned_pairs(tmp_path, "bloody-inappropriate-00001") == shards["bloody-inappropriate-00001"]
+    with pytest.raises(LivoError, match="plans value"):
+        save_value_plan(tmp_path, cfg, "bloody-inappropriate", plan_value(cfg, "bloody-inappropriate", pairs[:2]))
+    with pytest.raises(LivoError, match="not in"):
+        planned_pairs(tmp_path, "bloody-inappropriate-00099")
