@@ -1,0 +1,191 @@
+"""A small OpenAI-compatible chat client that returns JSON items validated by a pydantic schema.
+
+Works against OpenAI or any server speaking its chat API (vLLM, Ollama, llama.cpp, LM Studio).
+Retries on 429/5xx/connection errors are the openai client's own (`llm.max_retries`, honouring the
+server's retry-after); this module adds what the client does not do:
+
+- lenient JSON parsing (code fences, prose around the object) and re-asking when a reply is not JSON;
+- per-item validation: a malformed item is dropped with a recorded reason, the rest are kept;
+- a disk cache keyed by the request, so a rerun reads its answers instead of calling the server;
+- errors as one-line LivoErrors that name the endpoint and model.
+
+The API key is read from the environment variable named by `llm.api_key_env` and is only ever handed
+to the openai client: it is not part of the cache key, the cache files, or any error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import openai
+from pydantic import BaseModel, ValidationError
+
+from livo_core.config import LLMConfig
+from livo_core.errors import LivoError
+from livo_core.paths import PROMPTS_DIR, prompt_template
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+SYSTEM_PROMPT = "You write data for machine-learning experiments. Reply with one JSON object and nothing else."
+
+
+class LLMClient:
+    """Chat with an OpenAI-compatible endpoint and get validated JSON back.
+
+    cfg:       the run's `llm` section (endpoint, model, temperature, retries, timeout, re-asks)
+    cache_dir: where responses are cached by request hash (None = no cache)
+    """
+
+    def __init__(self, cfg: LLMConfig, cache_dir: Path | None = None):
+        self.cfg = cfg
+        self.base_url = (cfg.base_url or OPENAI_BASE_URL).rstrip("/")
+        self.model = cfg.model
+        self.endpoint = f"LLM endpoint {self.base_url} (model {self.model})"
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._key = os.environ.get(cfg.api_key_env) or None
+        if self._key is None:
+            if urlparse(self.base_url).hostname not in LOCAL_HOSTS:
+                raise LivoError(f"{self.endpoint} needs an API key: set the environment variable "
+                                f"{cfg.api_key_env} (or llm.api_key_env to the variable that holds it)")
+            self._key = "not-needed"  # local servers (vLLM, Ollama) ignore the key, the client needs one
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=self._key,
+                                     max_retries=cfg.max_retries, timeout=cfg.timeout_s)
+
+    # ------------------------------------------------------------------ one JSON request
+    def chat_json(self, template: str, variables: dict[str, Any], item_schema: type[BaseModel],
+                  key: str | None) -> tuple[list[BaseModel], list[dict]]:
+        """Render `prompts/<template>` with `variables`, ask for JSON, validate the items.
+
+        The reply must be a JSON object `{key: [item, ...]}`; each item is validated against
+        `item_schema`. With key=None the whole object is the single item (e.g. the retriever's
+        `{"value_id": ..., "reason": ...}`).
+        Returns (items, rejections); a rejection is {"reason": str, "item": <the raw item>}.
+        A reply that is not JSON of that shape is re-asked up to `llm.reask` times, then a LivoError.
+        """
+        try:
+            user = prompt_template(template).format(**variables)
+        except FileNotFoundError:
+            raise LivoError(f"LLM prompt template {PROMPTS_DIR / template} not found; "
+                            f"choose one of {sorted(p.name for p in PROMPTS_DIR.glob('*.txt'))}") from None
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        shape = f'{{"{key}": [...]}}' if key else "a single JSON object"
+
+        for attempt in range(self.cfg.reask + 1):
+            text = self._complete(messages, accept=lambda t: _raw_items(t, key) is not None)
+            raw_items = _raw_items(text, key)
+            if raw_items is not None:
+                return _validate(raw_items, item_schema)
+            log.warning("%s: reply %d is not JSON of the form %s; re-asking", self.endpoint, attempt + 1, shape)
+            # Show the model its own reply so it can correct it (and so the re-ask is a new request).
+            messages = messages + [
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": f"That reply was not valid JSON. Reply again with only a JSON "
+                                            f"object of the form {shape}, with no text around it."},
+            ]
+        raise LivoError(f"{self.endpoint} did not reply with JSON of the form {shape} after "
+                        f"{self.cfg.reask + 1} tries (last reply starts {text[:80]!r}); "
+                        f"try another model or raise llm.reask")
+
+    # ------------------------------------------------------------------ one HTTP call, cached
+    def _complete(self, messages: list[dict], accept) -> str:
+        """The reply text for `messages`: from the cache, or from the server (then cached if accepted)."""
+        request = {"base_url": self.base_url, "model": self.model, "messages": messages,
+                   "temperature": self.cfg.temperature}
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        path = self.cache_dir / f"{digest}.json" if self.cache_dir else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["content"]
+
+        try:
+            response = self._client.chat.completions.create(
+                model=self.model, messages=messages, temperature=self.cfg.temperature,
+                response_format={"type": "json_object"},  # servers that do not know it ignore it
+            )
+        except openai.APIConnectionError as e:  # includes timeouts; raised after the client's retries
+            cause = f" ({e.__cause__})" if e.__cause__ else ""
+            raise LivoError(self._scrub(f"{self.endpoint} unreachable: {e}{cause}; "
+                                        f"check llm.base_url or that the server is running")) from None
+        except openai.APIStatusError as e:
+            raise LivoError(self._status_message(e)) from None
+
+        text = (response.choices[0].message.content or "") if response.choices else ""
+        # Only answers we can use are cached: a bad one is asked again on a rerun, not replayed.
+        if path is not None and accept(text):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"request": request, "content": text}, indent=1), encoding="utf-8")
+            tmp.replace(path)  # atomic: a crash never leaves half a cache file
+        return text
+
+    def _status_message(self, e: openai.APIStatusError) -> str:
+        code = e.status_code
+        if code in (401, 403):
+            # The server's message may quote part of the key: leave it out.
+            return (f"{self.endpoint} rejected the API key (HTTP {code}); "
+                    f"check the key in the environment variable {self.cfg.api_key_env}")
+        if code == 404:
+            fix = "check llm.model and llm.base_url (it usually ends in /v1)"
+        elif code == 429 or code >= 500:
+            fix = f"the server is overloaded or failing after {self.cfg.max_retries} retries; retry later or raise llm.max_retries"
+        else:
+            fix = "the server rejected the request; check llm.model and that the server supports chat completions"
+        return self._scrub(f"{self.endpoint} answered HTTP {code} ({_first_line(e.message)}); {fix}")
+
+    def _scrub(self, message: str) -> str:
+        return message.replace(self._key, "***") if self._key and self._key != "not-needed" else message
+
+
+# ---------------------------------------------------------------------- parsing and validation
+def parse_json_object(text: str) -> dict | None:
+    """The JSON object in a model's reply, tolerating code fences and prose around it; None if none."""
+    text = text.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.DOTALL)
+    candidates = [text] + ([fenced.group(1)] if fenced else [])
+    if "{" in text:
+        candidates.append(text[text.index("{"): text.rindex("}") + 1] if "}" in text else "")
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _raw_items(text: str, key: str | None) -> list | None:
+    data = parse_json_object(text)
+    if data is None:
+        return None
+    if key is None:
+        return [data]
+    items = data.get(key)
+    return items if isinstance(items, list) else None
+
+
+def _validate(raw_items: list, schema: type[BaseModel]) -> tuple[list[BaseModel], list[dict]]:
+    items, rejections = [], []
+    for raw in raw_items:
+        if not isinstance(raw, dict):
+            rejections.append({"reason": f"not a JSON object: {type(raw).__name__}", "item": raw})
+            continue
+        try:
+            items.append(schema.model_validate(raw))
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(item)"
+            rejections.append({"reason": f"invalid field '{field}': {err['msg']}", "item": raw})
+    return items, rejections
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0][:200] if (text or "").strip() else "no message"

@@ -1,0 +1,166 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 for tests (stdlib only, no network).
+
+It implements `POST /v1/chat/completions` in OpenAI's response format, so the real `openai` client
+(and livo's LLMClient) talk to it exactly as to vLLM or OpenAI. Responses are scripted.
+
+    from openai_server import OpenAIServer    # tests/ is on sys.path under pytest
+
+    with OpenAIServer() as server:             # starts on a random free port
+        server.reply({"pairs": [...]})         # queue a reply: a dict is sent as JSON content
+        server.reply("not json at all")        # ... a str is sent as the content verbatim
+        server.error(429)                      # queue an HTTP error (sent with `retry-after-ms: 1`,
+        server.error(500, "boom")              #   so the client's retries are immediate)
+        server.reply({"pairs": []}, delay_s=2) # ... a reply sent after a delay (timeouts)
+        server.default = lambda body: {...}    # used when the queue is empty: body -> dict | str
+        cfg = LLMConfig(base_url=server.base_url, model="test-model")   # "http://127.0.0.1:PORT/v1"
+        ...
+        server.count                           # requests received so far
+        server.requests                        # list of Received(body: dict, headers: dict[str, str])
+        server.requests[-1].body["messages"]   # what the client sent
+        server.requests[0].headers["authorization"]   # "Bearer <key>" (header names are lower-case)
+        server.stop()                          # the server is down: connections are refused
+                                               # (base_url stays valid to test "unreachable")
+
+Queued replies are consumed in order, one per request, retries included. With an empty queue and no
+`default`, the server answers HTTP 400 "no scripted response left" (400 is not retried by the client).
+The server prints nothing and writes no file: received headers (the API key) live only in memory.
+Without `with`, call `start()` and `stop()`; `OpenAIServer.fixture()` is a ready pytest fixture body.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+
+@dataclass
+class Received:
+    body: dict
+    headers: dict[str, str]
+
+
+@dataclass
+class _Scripted:
+    status: int = 200
+    content: str = ""
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def completion(content: str, model: str = "test-model") -> dict:
+    """An OpenAI chat.completion object whose single choice says `content`."""
+    return {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+class OpenAIServer:
+    def __init__(self):
+        self.requests: list[Received] = []
+        self.default: Callable[[dict], dict | str] | None = None
+        self._queue: deque[_Scripted] = deque()
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # ---------------------------------------------------------------- scripting
+    def reply(self, content: dict | list | str, delay_s: float = 0.0) -> "OpenAIServer":
+        text = content if isinstance(content, str) else json.dumps(content)
+        with self._lock:
+            self._queue.append(_Scripted(200, text, delay_s))
+        return self
+
+    def error(self, status: int, message: str = "scripted error") -> "OpenAIServer":
+        body = json.dumps({"error": {"message": message, "type": "server_error", "code": status}})
+        with self._lock:
+            self._queue.append(_Scripted(status, body, 0.0, {"retry-after-ms": "1"}))
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.requests)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "OpenAIServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.0: one request per connection, so after stop() no kept-alive connection lingers.
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):  # quiet, and never prints headers
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except json.JSONDecodeError:
+                    body = {}
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    return self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}))
+                with server._lock:
+                    server.requests.append(Received(body, {k.lower(): v for k, v in self.headers.items()}))
+                    scripted = server._queue.popleft() if server._queue else None
+                if scripted is None and server.default is not None:
+                    out = server.default(body)
+                    scripted = _Scripted(200, out if isinstance(out, str) else json.dumps(out))
+                if scripted is None:
+                    return self._send(400, json.dumps({"error": {"message": "no scripted response left"}}))
+                if scripted.delay_s:
+                    time.sleep(scripted.delay_s)
+                if scripted.status == 200:
+                    text = json.dumps(completion(scripted.content, body.get("model", "test-model")))
+                    return self._send(200, text)
+                return self._send(scripted.status, scripted.content, scripted.headers)
+
+            def _send(self, status: int, text: str, headers: dict[str, str] | None = None):
+                data = text.encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Shut down and close the socket: further requests to base_url are refused."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @staticmethod
+    def fixture():
+        """Use in a test module: `openai_server = pytest.fixture(OpenAIServer.fixture)`."""
+        with OpenAIServer() as server:
+            yield server
