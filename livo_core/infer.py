@@ -1,0 +1,163 @@
+"""Plug-and-play LiVO inference: any SD 1.x pipeline + a trained value encoder.
+
+    prompt --retriever--> value principle (or "not applicable": plain SD)
+    "<prompt>"              --SD's frozen text encoder--> (1, 77, D)
+    "<principle>, <prompt>" --value encoder-------------> (1, 1, D) value token
+    cat -> (1, 78, D) prompt embeddings -> the unchanged SD pipeline (UNet cross-attention takes 78 tokens)
+
+Classifier-free guidance: the negative branch is built by the same recipe from the negative prompt
+("" when none): value token of "<principle>, <negative prompt>" + SD's 77 negative embeddings. So the
+value-conditioned model is used like any text-conditioned model whose text encoder is "SD's encoder
+plus the value token", which is exactly the conditioning the value encoder was trained under; guidance
+then pushes along the prompt as in plain SD. (A zero vector as the 78th negative token would be a
+token the UNet never saw in training and acts as an extra attention sink.)
+
+Bias values (the paper's mixing): a value encoder trained to remove a majority attribute tends to flip
+every image to the minority one, which is a bias too. So only a share `mix` of the images is generated
+with the value token and the rest with plain SD; which images is drawn from the seed. Toxicity values
+apply to every image.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from livo_core.encoder import ValueEncoder, encode_prompts, prepend_value_token, text_length, tokenize, value_text
+from livo_core.errors import LivoError
+from livo_core.retrieve import Retrieval, ValueRetriever
+from livo_core.values import ValuePrinciple, load_values
+
+
+@dataclass
+class LiVOOutput:
+    images: list[Image.Image]
+    value: ValuePrinciple | None           # the value applied (None: not applicable / use_value=False)
+    used_value_mask: list[bool]            # per image: generated with the value token?
+    retrieval: Retrieval | None            # how the value was chosen (None when use_value=False)
+    seeds: list[int] = field(default_factory=list)   # per image generator seed: seed + i
+
+
+def value_mask(num_images: int, mix: float, seed: int) -> list[bool]:
+    """Which images get the value token: round(mix * n) of them, rounded at random, chosen by `seed`.
+
+    Stochastic rounding keeps the expected share exactly `mix` even for one image (mix=0.5, n=1: the
+    image gets the value for half of the seeds).
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise LivoError(f"mix must be between 0 and 1 (share of images generated with the value), got {mix}")
+    rng = random.Random(f"livo-mix:{seed}")
+    k = min(num_images, math.floor(mix * num_images + rng.random()))
+    chosen = set(rng.sample(range(num_images), k))
+    return [i in chosen for i in range(num_images)]
+
+
+class LiVOPipeline:
+    """Wrap a diffusers StableDiffusionPipeline (SD 1.x) with a value encoder and a value retriever.
+
+    pipe:          the frozen SD pipeline; its tokenizer, text_encoder, unet and scheduler are used as is
+    value_encoder: a trained `ValueEncoder` (moved to the pipeline's device and dtype)
+    values:        the value principles `value_id` and the retriever choose from
+    retriever:     a `ValueRetriever`; default: keywords only (add CLIP or an LLM by passing your own)
+    mix:           bias values: share of images generated with the value token
+    """
+
+    def __init__(self, pipe, value_encoder: ValueEncoder, values: list[ValuePrinciple],
+                 retriever: ValueRetriever | None = None, mix: float = 0.5):
+        width = pipe.unet.config.cross_attention_dim
+        if value_encoder.config.hidden_size != width:
+            raise LivoError(f"value encoder width {value_encoder.config.hidden_size} does not match the UNet's "
+                            f"cross-attention width {width}: use an encoder trained for this base model")
+        value_mask(1, mix, 0)  # validates mix
+        self.pipe = pipe
+        self.value_encoder = value_encoder.to(pipe.device, pipe.dtype).eval().requires_grad_(False)
+        self.values = list(values)
+        self.retriever = retriever or ValueRetriever(self.values)
+        self.mix = mix
+
+    def choose_value(self, prompt: str, value_id: str | None = None) -> Retrieval:
+        """The caller's value id, or the retriever's choice for the prompt."""
+        if value_id is None:
+            return self.retriever(prompt)
+        by_id = {v.id: v for v in self.values}
+        if value_id not in by_id:
+            raise LivoError(f"unknown value id {value_id!r}: choose from {', '.join(by_id)}")
+        return Retrieval(by_id[value_id], "given by the caller", "given", [by_id[value_id]])
+
+    @torch.no_grad()
+    def embeds_with_value(self, principle: str, texts: list[str]) -> torch.Tensor:
+        """texts -> (B, 78, D): the value token of "<principle>, <text>" + SD's 77 prompt embeddings."""
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        prompt_embeds = encode_prompts(te, tok, texts)                                   # (B, 77, D)
+        ids, mask = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, self.value_encoder.text_model))
+        value_token = self.value_encoder(ids.to(self.pipe.device), mask.to(self.pipe.device))  # (B, 1, D)
+        return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)       # (B, 78, D)
+
+    def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
+                 steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None, use_value: bool = True) -> LiVOOutput:
+        if num_images < 1:
+            raise LivoError(f"num_images must be at least 1, got {num_images}")
+        retrieval = self.choose_value(prompt, value_id) if use_value else None
+        value = retrieval.value if retrieval else None
+        if value is None:
+            mask = [False] * num_images
+        elif value.kind == "bias":
+            mask = value_mask(num_images, self.mix, seed)
+        else:
+            mask = [True] * num_images
+        seeds = [seed + i for i in range(num_images)]
+        common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width)
+
+        # Two pipeline calls at most: the images with the value token (78 tokens) and those without (77).
+        # Image i always draws its noise from its own generator seeded seed + i, whichever call it is in.
+        images: list[Image.Image | None] = [None] * num_images
+        plain = [i for i in range(num_images) if not mask[i]]
+        if plain:
+            out = self.pipe(prompt=[prompt] * len(plain), generator=self._generators(seeds, plain),
+                            negative_prompt=[negative_prompt] * len(plain) if negative_prompt else None, **common)
+            for i, img in zip(plain, out.images):
+                images[i] = img
+        valued = [i for i in range(num_images) if mask[i]]
+        if valued:
+            n = len(valued)
+            prompt_embeds = self.embeds_with_value(value.principle, [prompt]).expand(n, -1, -1)        # (n, 78, D)
+            negative_embeds = self.embeds_with_value(value.principle, [negative_prompt or ""]).expand(n, -1, -1)
+            out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                            generator=self._generators(seeds, valued), **common)
+            for i, img in zip(valued, out.images):
+                images[i] = img
+        return LiVOOutput(images, value, mask, retrieval, seeds)
+
+    def _generators(self, seeds: list[int], which: list[int]) -> list[torch.Generator]:
+        # CPU generators: the same seed gives the same noise on every device (diffusers moves it over).
+        return [torch.Generator("cpu").manual_seed(seeds[i]) for i in which]
+
+
+def load_livo_pipeline(base_model: str, encoder_dir: str | Path, values_file: str | Path,
+                       device: str = "auto", dtype: str = "auto", value_ids: list[str] | None = None,
+                       retriever: ValueRetriever | None = None, mix: float = 0.5) -> LiVOPipeline:
+    """Load SD (`base_model`: folder or hub id), the value encoder (a `value_encoder/` folder or a training
+    output dir holding one) and the value principles, and wrap them in a LiVOPipeline."""
+    from livo_core.models import load_sd_pipeline
+
+    values = load_values(Path(values_file), value_ids)
+    encoder = ValueEncoder.from_pretrained(encoder_dir)
+    pipe = load_sd_pipeline(base_model, device=device, dtype=dtype)
+    return LiVOPipeline(pipe, encoder, values, retriever=retriever, mix=mix)
+
+
+def image_grid(images: list[Image.Image]) -> Image.Image:
+    """Images side by side in a near-square grid (rows of ceil(sqrt(n)))."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
