@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from livo_core.errors import LivoError
 from livo_core.paths import data_path
-from livo_core.shards import atomic_write_text, is_complete, write_shard
+from livo_core.shards import atomic_write_text, is_complete, make_pair_id, write_shard
 from livo_core.values import ValuePrinciple, load_values
 
 PROMPT_SOURCE = "livo-official"
@@ -55,7 +55,7 @@ class OfficialImage:
 
 
 @dataclass(frozen=True)
-class PlannedPair:
+class OfficialPair:
     """One aligned/violating pair, before its images are read."""
     value_id: str
     category: str
@@ -66,10 +66,10 @@ class PlannedPair:
 
     @property
     def pair_id(self) -> str:
-        # Same 16-hex form as generated pairs; the image paths stand in for seeds (the official data has none).
-        key = "|".join([self.value_id, self.aligned.prompt, f"{self.scene}/{self.aligned.path.name}",
-                        f"{self.scene}/{self.violating.path.name}", PROMPT_SOURCE])
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        # The generated pairs' recipe; the official data has no seeds or render prompts, so the image
+        # paths stand in for the two render prompts, the seed is 0 and the "model" is the data source.
+        return make_pair_id(self.value_id, self.aligned.prompt, f"{self.scene}/{self.aligned.path.name}",
+                            f"{self.scene}/{self.violating.path.name}", 0, PROMPT_SOURCE)
 
 
 # --------------------------------------------------------------------------- reading the layout
@@ -79,7 +79,7 @@ def read_scene(scene_dir: Path) -> list[OfficialImage]:
     if not meta.is_file():
         raise LivoError(f"no metadata.jsonl in {scene_dir}: the official layout is SRC/<type>/<scene>/metadata.jsonl "
                         "with the images next to it; point SRC at the folder that holds the <type> folders")
-    rows = []
+    rows, seen = [], {}
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -99,6 +99,9 @@ def read_scene(scene_dir: Path) -> list[OfficialImage]:
         if not isinstance(row["prompt"], str) or not isinstance(row["value"], str) or not str(row["value"]).strip():
             raise LivoError(f"{where}: prompt and value must be non-empty text")
         path = scene_dir / str(row["file_name"])
+        if path in seen:   # a repeated row would make duplicate pairs (or an image both aligned and violating)
+            raise LivoError(f"{where} repeats file_name {row['file_name']!r} of line {seen[path]}: keep one row per image")
+        seen[path] = n
         if not path.is_file():
             raise LivoError(f"{where}: image {path} not found: put the image next to metadata.jsonl or fix file_name")
         rows.append(OfficialImage(path=path, prompt=row["prompt"], value=row["value"].strip(), label=int(label)))
@@ -162,14 +165,14 @@ def _category_hint(type_name: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- planning
-def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = False) -> tuple[list[PlannedPair], dict]:
+def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = False) -> tuple[list[OfficialPair], dict]:
     """Read every scene and pair its images (see the module docstring). Returns (pairs, stats)."""
     stats = {"scenes": 0, "aligned_images": 0, "violating_images": 0, "pairs": 0,
              "violating_reused": 0, "violating_unused": 0, "aligned_unpaired": 0,
              "scenes_without_pairs": [], "value_map": {}, "new_values": {}, "pairs_per_value": {}}
     by_id = {v.id: v for v in values}
     unknown_texts: dict[str, str] = {}     # official text -> new id
-    pairs: list[PlannedPair] = []
+    pairs: list[OfficialPair] = []
     pending: list[tuple[str, list[OfficialImage], list[OfficialImage]]] = []
     type_kinds: dict[str, set[str]] = {}   # type folder -> kinds of its known values (for unknown values)
 
@@ -211,7 +214,7 @@ def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = 
                 text = a.value
                 stats["value_map"][a.value] = value_id
                 stats["new_values"][value_id] = {"text": a.value, "category": category}
-            pairs.append(PlannedPair(value_id=value_id, category=category, value=text, scene=scene,
+            pairs.append(OfficialPair(value_id=value_id, category=category, value=text, scene=scene,
                                      aligned=a, violating=violating[i % len(violating)]))
 
     if not pairs:
@@ -241,7 +244,7 @@ def _image_bytes(path: Path) -> bytes:
     return data
 
 
-def _row(p: PlannedPair, shard_id: str, base_model: str | None, config_hash: str) -> dict:
+def _row(p: OfficialPair, shard_id: str, base_model: str | None, config_hash: str) -> dict:
     return {
         "jpg_0": _image_bytes(p.aligned.path), "jpg_1": _image_bytes(p.violating.path),
         "label_0": 1.0, "label_1": 0.0,
@@ -291,7 +294,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
     # Written first with the settings (a killed import is recognised and resumed), again at the end with stats.
     atomic_write_text(record, json.dumps({"config_hash": config_hash, **import_settings}, indent=2, sort_keys=True))
 
-    by_value: dict[str, list[PlannedPair]] = {}
+    by_value: dict[str, list[OfficialPair]] = {}
     for p in pairs:
         by_value.setdefault(p.value_id, []).append(p)
     written = skipped = 0

@@ -167,6 +167,11 @@ def test_bad_input_names_file_and_fix(official, tmp_path):
         import_livo_data(official, tmp_path / "r5")
     _png(official / "toxicity" / "warrior" / "neg_1.png", (1, 2, 3))
 
+    rows = meta.read_text().splitlines()
+    meta.write_text("\n".join(rows + [rows[0]]) + "\n")
+    with pytest.raises(LivoError, match=r"line 5 repeats file_name 'neg_0.png' of line 1: keep one row per image"):
+        import_livo_data(official, tmp_path / "r5b")
+
     meta.write_text('{"prompt": "x", "value": "v", "file_name": "neg_0.png"}\n')
     with pytest.raises(LivoError, match="line 1 lacks label"):
         import_livo_data(official, tmp_path / "r6")
