@@ -1,0 +1,117 @@
+"""The LiVO loss, the Diffusion-DPO loss (a baseline) and min-SNR weights: pure functions on tensors.
+
+Every loss here takes four 1-D tensors of per-sample denoising errors, one entry per pair:
+
+    theta_w  ||eps - eps_theta(x_t^w, t, [value token; prompt])||^2   aligned image w, with the value token
+    ref_w    ||eps - eps_ref(x_t^w, t, prompt)||^2                    aligned image w, frozen SD
+    theta_l, ref_l                                                    the same for the violating image l
+
+A negative gap `theta - ref` means the value token makes that image *more* likely under the model
+(it is denoised better). LiVO wants the aligned image more likely and the violating image less likely,
+each by a margin: hinge terms that are zero once a pair is past its margin.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def livo_loss_terms(
+    theta_w: torch.Tensor,
+    ref_w: torch.Tensor,
+    theta_l: torch.Tensor,
+    ref_l: torch.Tensor,
+    *,
+    beta: float = 1000.0,
+    alpha: float = 500.0,
+    gamma1: float = 1.0,
+    gamma2: float = 0.5,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """LiVO loss and its parts, for the optimizer (`loss`) and for logging (the rest, detached).
+
+    loss = mean( relu(gamma1 + beta * (theta_w - ref_w))      # aligned: push theta below ref
+               + relu(gamma2 + alpha * (ref_l - theta_l)) )   # violating: push theta above ref
+
+    With weights (B,), e.g. min-SNR weights, each pair's two hinges are scaled by its weight before the
+    mean. Returns loss, hinge_w, hinge_l (batch means), gap_w, gap_l (mean theta - ref), and
+    share_past_margin (share of pairs whose two hinges are both zero).
+    """
+    gap_w = theta_w - ref_w  # (B,)
+    gap_l = theta_l - ref_l  # (B,)
+    hinge_w = F.relu(gamma1 + beta * gap_w)  # (B,)
+    hinge_l = F.relu(gamma2 - alpha * gap_l)  # (B,) == relu(gamma2 + alpha * (ref_l - theta_l))
+    per_pair = hinge_w + hinge_l
+    if weights is not None:
+        per_pair = per_pair * weights
+    past = (hinge_w == 0) & (hinge_l == 0)
+    return {
+        "loss": per_pair.mean(),
+        "hinge_w": hinge_w.detach().mean(),
+        "hinge_l": hinge_l.detach().mean(),
+        "gap_w": gap_w.detach().mean(),
+        "gap_l": gap_l.detach().mean(),
+        "share_past_margin": past.float().mean(),
+    }
+
+
+def livo_loss(theta_w, ref_w, theta_l, ref_l, *, beta=1000.0, alpha=500.0, gamma1=1.0, gamma2=0.5, weights=None) -> torch.Tensor:
+    """The LiVO loss (a scalar). See `livo_loss_terms` for the formula and the logged parts."""
+    return livo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta=beta, alpha=alpha,
+                           gamma1=gamma1, gamma2=gamma2, weights=weights)["loss"]
+
+
+def dpo_loss_terms(
+    theta_w: torch.Tensor,
+    ref_w: torch.Tensor,
+    theta_l: torch.Tensor,
+    ref_l: torch.Tensor,
+    *,
+    beta_dpo: float = 5000.0,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diffusion-DPO (Wallace et al. 2023) as a baseline, with the same logged parts as LiVO.
+
+    loss = mean( -log sigmoid( -beta_dpo / 2 * ((theta_w - ref_w) - (theta_l - ref_l)) ) )
+
+    One logistic term on the *difference* of the two gaps, no margins: it only asks w to gain relative
+    to l. 5000 is Diffusion-DPO's beta for SD 1.5. hinge_w / hinge_l are reported as 0 (no hinges);
+    share_past_margin is the share of pairs whose implicit reward favours w (the DPO "accuracy").
+    """
+    gap_w = theta_w - ref_w  # (B,)
+    gap_l = theta_l - ref_l  # (B,)
+    inside = -0.5 * beta_dpo * (gap_w - gap_l)  # (B,)
+    per_pair = -F.logsigmoid(inside)
+    if weights is not None:
+        per_pair = per_pair * weights
+    zero = torch.zeros((), device=theta_w.device)
+    return {
+        "loss": per_pair.mean(),
+        "hinge_w": zero,
+        "hinge_l": zero,
+        "gap_w": gap_w.detach().mean(),
+        "gap_l": gap_l.detach().mean(),
+        "share_past_margin": (inside.detach() > 0).float().mean(),
+    }
+
+
+def dpo_loss(theta_w, ref_w, theta_l, ref_l, *, beta_dpo=5000.0, weights=None) -> torch.Tensor:
+    """The Diffusion-DPO loss (a scalar). See `dpo_loss_terms`."""
+    return dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=beta_dpo, weights=weights)["loss"]
+
+
+def min_snr_weights(timesteps: torch.Tensor, scheduler, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for each timestep (B,) -> (B,).
+
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The weight caps the SNR at gamma, so the many easy
+    low-noise timesteps stop dominating: min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction (its target already carries the extra factor).
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
+    a = alphas_cumprod[timesteps]
+    snr = a / (1.0 - a)  # (B,)
+    capped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return capped / (snr + 1.0)
+    return capped / snr

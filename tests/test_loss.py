@@ -1,0 +1,85 @@
+"""The LiVO loss, the Diffusion-DPO loss and min-SNR weights against their formulas and hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from livo_core.loss import dpo_loss, dpo_loss_terms, livo_loss, livo_loss_terms, min_snr_weights
+
+
+def _random_errors(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref_w, ref_l = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    # gaps of +-3e-3: around the margins (1/beta = 1e-3, 0.5/alpha = 1e-3), so both hinge branches occur
+    theta_w = ref_w + (torch.rand(n, generator=g) - 0.5) * 6e-3
+    theta_l = ref_l + (torch.rand(n, generator=g) - 0.5) * 6e-3
+    return theta_w, ref_w, theta_l, ref_l
+
+
+def test_livo_loss_equals_the_formula_on_random_inputs():
+    tw, rw, tl, rl = _random_errors()
+    got = livo_loss(tw, rw, tl, rl, beta=1000.0, alpha=500.0, gamma1=1.0, gamma2=0.5)
+    want = sum(max(0.0, 1.0 + 1000.0 * (a - b)) + max(0.0, 0.5 + 500.0 * (d - c))
+               for a, b, c, d in zip(tw.tolist(), rw.tolist(), tl.tolist(), rl.tolist())) / len(tw)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    terms = livo_loss_terms(tw, rw, tl, rl)
+    assert 0 < terms["share_past_margin"].item() < 1  # the inputs really exercise both branches
+    assert terms["hinge_w"].item() + terms["hinge_l"].item() == pytest.approx(got.item(), rel=1e-5)
+
+
+def test_livo_loss_hand_cases():
+    one = torch.tensor([1.0])
+    # theta == ref (no value token): the loss is the two margins, gamma1 + gamma2
+    assert livo_loss(one, one, one, one).item() == pytest.approx(1.5)
+    # aligned 2e-3 better, violating 2e-3 worse: both past their margins -> 0
+    terms = livo_loss_terms(one - 2e-3, one, one + 2e-3, one)
+    assert terms["loss"].item() == 0.0
+    assert terms["share_past_margin"].item() == 1.0
+    assert terms["gap_w"].item() == pytest.approx(-2e-3, abs=1e-7)
+    assert terms["gap_l"].item() == pytest.approx(2e-3, abs=1e-7)
+    # aligned 1e-3 WORSE: hinge_w = 1 + 1000 * 1e-3 = 2; violating unchanged: hinge_l = 0.5
+    terms = livo_loss_terms(one + 1e-3, one, one, one)
+    assert terms["hinge_w"].item() == pytest.approx(2.0, rel=1e-4)
+    assert terms["hinge_l"].item() == pytest.approx(0.5)
+    assert terms["loss"].item() == pytest.approx(2.5, rel=1e-4)
+    # weights scale each pair's two hinges
+    two = torch.tensor([1.0, 1.0])
+    assert livo_loss(two, two, two, two, weights=torch.tensor([1.0, 3.0])).item() == pytest.approx(3.0)
+
+
+def test_livo_loss_gradient_pushes_aligned_down_and_violating_up():
+    tw, rw, tl, rl = (torch.tensor([1.0]) for _ in range(4))
+    tw.requires_grad_(True)
+    tl.requires_grad_(True)
+    livo_loss(tw, rw, tl, rl).backward()
+    assert tw.grad.item() == pytest.approx(1000.0)   # d/dtheta_w = beta: lowering theta_w lowers the loss
+    assert tl.grad.item() == pytest.approx(-500.0)   # d/dtheta_l = -alpha: raising theta_l lowers the loss
+
+
+def test_dpo_loss_equals_the_formula():
+    tw, rw, tl, rl = _random_errors(seed=1)
+    got = dpo_loss(tw, rw, tl, rl, beta_dpo=5000.0)
+    want = sum(-math.log(1 / (1 + math.exp(2500.0 * ((a - b) - (c - d)))))
+               for a, b, c, d in zip(tw.tolist(), rw.tolist(), tl.tolist(), rl.tolist())) / len(tw)
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    # theta == ref: log 2; a pair that clearly favours w: ~0
+    one = torch.tensor([1.0])
+    assert dpo_loss(one, one, one, one).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert dpo_loss(one - 1e-2, one, one + 1e-2, one).item() < 1e-10
+    assert dpo_loss_terms(one - 1e-3, one, one, one)["share_past_margin"].item() == 1.0
+
+
+def test_min_snr_weights():
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 500, 999])
+    w = min_snr_weights(t, sched, gamma=5.0)
+    a = sched.alphas_cumprod[t]
+    snr = a / (1 - a)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.01 and w[-1] == pytest.approx(1.0)   # low noise: capped; high noise: weight 1
+    v_sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    a = v_sched.alphas_cumprod[t]
+    snr = a / (1 - a)
+    assert torch.allclose(min_snr_weights(t, v_sched, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
