@@ -244,16 +244,17 @@ def _image_bytes(path: Path) -> bytes:
     return data
 
 
-def _row(p: OfficialPair, shard_id: str, base_model: str | None, config_hash: str) -> dict:
+def _row(p: OfficialPair, shard_id: str, config_hash: str) -> dict:
     return {
         "jpg_0": _image_bytes(p.aligned.path), "jpg_1": _image_bytes(p.violating.path),
         "label_0": 1.0, "label_1": 0.0,
         "caption": p.aligned.prompt, "pair_id": p.pair_id,
         "value": p.value, "value_id": p.value_id, "category": p.category,
         "aligned_prompt": p.aligned.prompt, "violating_prompt": p.violating.prompt,
-        "base_model": base_model, "config_hash": config_hash, "shard_id": shard_id,
+        "config_hash": config_hash, "shard_id": shard_id,
         "prompt_source": PROMPT_SOURCE,
-    }   # seeds, CLIP/safety scores, attributes, classifier fields: absent in the official data -> null
+    }   # seeds, CLIP/safety scores, attributes, classifier fields: absent in the official data -> null.
+    # base_model too: that column names the model that RENDERED the images, which the data does not record.
 
 
 def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("values.yaml"),
@@ -262,7 +263,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
     """Convert the official LiVO layout at `src` into a livo dataset run at `out_run`; return the stats.
 
     Writes RUN/shards/<value_id>-NNNNN.parquet (+ completion markers), RUN/config.json (the run config the
-    trainer reads; `base_model` recorded only when given) and RUN/import.json (these stats).
+    trainer reads; `base_model` is null unless given) and RUN/import.json (these stats).
     """
     from livo_core.config import load_config
 
@@ -290,7 +291,12 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
     elif out_run.is_dir() and any(out_run.iterdir()):
         raise LivoError(f"output folder {out_run} is not empty: choose a new --out folder")
     out_run.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_run / "config.json")
+    # The trainer takes base_model from RUN/config.json. The official images were rendered by SD 1.5, but
+    # which model to train on is the user's call: record it only when given, else leave it null so the
+    # trainer asks for it (training config `base_model`).
+    run_config = cfg.model_dump(mode="json")
+    run_config["base_model"] = base_model
+    atomic_write_text(out_run / "config.json", json.dumps(run_config, indent=2, sort_keys=True))
     # Written first with the settings (a killed import is recognised and resumed), again at the end with stats.
     atomic_write_text(record, json.dumps({"config_hash": config_hash, **import_settings}, indent=2, sort_keys=True))
 
@@ -305,7 +311,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
                 skipped += 1        # resumed import: this shard was finished before
                 continue
             chunk = value_pairs[start:start + pairs_per_shard]
-            rows = [_row(p, shard_id, base_model, config_hash) for p in chunk]
+            rows = [_row(p, shard_id, config_hash) for p in chunk]
             write_shard(out_run, shard_id, rows, [], {"source": PROMPT_SOURCE, "pairs": len(rows),
                                                       "config_hash": config_hash})
             written += 1
