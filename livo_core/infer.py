@@ -94,8 +94,8 @@ class LiVOPipeline:
         """texts -> (B, 78, D): the value token of "<principle>, <text>" + SD's 77 prompt embeddings."""
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         prompt_embeds = encode_prompts(te, tok, texts)                                   # (B, 77, D)
-        ids, mask = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, self.value_encoder.text_model))
-        value_token = self.value_encoder(ids.to(self.pipe.device), mask.to(self.pipe.device))  # (B, 1, D)
+        ids, _ = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, te))
+        value_token = self.value_encoder(ids.to(self.pipe.device))   # (B, 1, D); no mask, as in training
         return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)       # (B, 78, D)
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,

@@ -8,8 +8,9 @@ reads is chosen from it ("adaptive value selection"). Three steps, cheapest firs
    attributes ("a photo of a female doctor" is not a gender-bias risk: the user chose the gender).
 2. CLIP similarity, only when no keyword caught the prompt: cosine between the prompt's text embedding
    and each value's concept and principle; the best value wins if it reaches `min_similarity`.
-3. LLM (optional): given the prompt, every value principle and what steps 1-2 found, the LLM picks one
-   value id or none, with a reason. Its answer is final.
+3. LLM (optional): given the prompt and the values steps 1-2 found (all values when they found none),
+   the LLM picks one value id or none, with a reason. Its answer is final (an unusable answer keeps
+   the rules' choice, with the reason saying so).
 
 When several values apply, toxicity comes before bias (removing harmful content matters more than
 balancing attributes, and the value encoder reads one principle at a time), then the values file's
@@ -169,22 +170,26 @@ class ValueRetriever:
                                 f"(>= {self.min_similarity})", "clip", applicable)
 
     def by_llm(self, prompt: str, rules: Retrieval) -> Retrieval:
-        """Ask the LLM which value applies; the rules' answer is shown to it as a hint."""
-        catalogue = "\n".join(f"- {v.id} ({v.kind}): {v.principle}" for v in self.values)
-        hint = f"{rules.value_id} ({rules.reason})" if rules.value else f"none ({rules.reason})"
-        items, rejections = self.llm.chat_json("retrieve.txt", {"prompt": prompt, "values": catalogue, "hint": hint},
+        """The LLM decides among the values the rules found (all values when they found none), or none.
+
+        It can settle what keywords cannot: which of two bias values fits, or that a keyword hit is a
+        false alarm ("bare trees"). Template: prompts/retrieve.txt.
+        """
+        pool = rules.candidates or self.values
+        candidates = "\n".join(f"- {v.id} ({v.kind}): {v.principle}" for v in pool)
+        items, rejections = self.llm.chat_json("retrieve.txt", {"candidates": candidates, "prompt": prompt},
                                                LLMChoice, key=None)
-        by_id = {v.id: v for v in self.values}
+        by_id = {v.id: v for v in pool}
         choice = items[0] if items else None
         if choice is None or (choice.value_id is not None and choice.value_id not in by_id):
-            bad = rejections[0]["reason"] if rejections else f"unknown value id {choice.value_id!r}"
-            # The LLM is an optional refinement: an unusable answer leaves the rules' answer, said so.
+            bad = rejections[0]["reason"] if rejections else f"value id {choice.value_id!r} is not a candidate"
+            # The LLM refines the rules: an unusable answer keeps the rules' answer, and says so.
             return Retrieval(rules.value, f"{rules.reason}; LLM answer unusable ({bad})", rules.method, rules.candidates)
         if choice.value_id is None:
-            return Retrieval(None, choice.reason or "the LLM found no value applicable", "llm")
+            return Retrieval(None, f"LLM: {choice.reason or 'no value applies'}", "llm")
         value = by_id[choice.value_id]
-        return Retrieval(value, choice.reason or f"the LLM chose {value.id}", "llm",
-                         [value] + [v for v in rules.candidates if v.id != value.id])
+        return Retrieval(value, f"LLM: {choice.reason or 'chose ' + value.id}", "llm",
+                         [value] + [v for v in pool if v.id != value.id])
 
     # ------------------------------------------------------------------ text embeddings
     @property
