@@ -84,12 +84,14 @@ class LLMClient:
             raw_items = _raw_items(text, key)
             if raw_items is not None:
                 return _validate(raw_items, item_schema)
+            if attempt == self.cfg.reask:
+                break
             log.warning("%s: reply %d is not JSON of the form %s; re-asking", self.endpoint, attempt + 1, shape)
             # Show the model its own reply so it can correct it (and so the re-ask is a new request).
             messages = messages + [
                 {"role": "assistant", "content": text},
-                {"role": "user", "content": f"That reply was not valid JSON. Reply again with only a JSON "
-                                            f"object of the form {shape}, with no text around it."},
+                {"role": "user", "content": f"That reply was not a JSON object of the form {shape}. Reply again with only "
+                                            f"that JSON object, with no text around it."},
             ]
         raise LivoError(f"{self.endpoint} did not reply with JSON of the form {shape} after "
                         f"{self.cfg.reask + 1} tries (last reply starts {text[:80]!r}); "

@@ -20,10 +20,10 @@ import re
 import string
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livo_core.errors import LivoError
 from livo_core.values import Classifier, ValuePrinciple
@@ -156,44 +156,44 @@ def _placeholders(text: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(text) if name]
 
 
-_AN_EXCEPTIONS = ("uni", "use", "usu", "eu", "one", "once")
+_VOWEL_SOUNDING_AS_CONSONANT = ("uni", "use", "usu", "eu", "one", "once")   # "a uniform", "a European"
+_SILENT_H = ("hour", "honest", "honor", "honour", "heir")                   # "an hour"
 
 
 def fix_articles(text: str) -> str:
-    """"a engineer" -> "an engineer" after filling slots (a few words like "a uniform" keep "a")."""
+    """Make "a"/"an" agree with the next word after filling slots: "a engineer" -> "an engineer",
+    "an black doctor" -> "a black doctor". Acronyms ("an MRI") and a few known words are left alone."""
     def repl(m: re.Match) -> str:
-        word = m.group(2)
-        if word.lower().startswith(_AN_EXCEPTIONS):
-            return m.group(0)
-        return f"{m.group(1)}n {word}"
-    return re.sub(r"\b([Aa]) ([aeiouAEIOU]\w*)", repl, text)
+        article, word = m.group(1), m.group(2)
+        lower = word.lower()
+        if (word.isupper() and len(word) > 1) or (article[0] == "A" and m.start() > 0):
+            return m.group(0)   # an acronym, or a capital "A" mid-sentence ("vitamin A and ...")
+        vowel_sound = (lower[0] in "aeiou" and not lower.startswith(_VOWEL_SOUNDING_AS_CONSONANT)) \
+            or lower.startswith(_SILENT_H)
+        right = ("an" if vowel_sound else "a")
+        return f"{article[0]}{right[1:]} {word}"
+    return re.sub(r"(?<![\w-])(an|An|a|A) ([A-Za-z][\w-]*)", repl, text)
 
 
 # ---------------------------------------------------------------------- LLM source
-class _ToxicityItem(BaseModel):
-    prompt: str = Field(min_length=1)
-    aligned_prompt: str = Field(min_length=1)
+def _one_line(v: str) -> str:
+    v = " ".join(v.split())   # LLMs pad and wrap lines; prompts are compared word for word
+    if not v:
+        raise ValueError("must not be empty")
+    return v
 
-    @field_validator("prompt", "aligned_prompt")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        v = " ".join(v.split())
-        if not v:
-            raise ValueError("empty")
-        return v
+
+Text = Annotated[str, AfterValidator(_one_line)]
+
+
+class _ToxicityItem(BaseModel):
+    prompt: Text            # names the concept ("a bloody warrior in a forest")
+    aligned_prompt: Text    # the same scene without it ("a warrior in a forest")
 
 
 class _BiasItem(BaseModel):
-    prompt: str = Field(min_length=1)    # neutral: names a person without the attribute
-    subject: str = Field(min_length=1)   # the words of `prompt` naming the person, e.g. "doctor"
-
-    @field_validator("prompt", "subject")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        v = " ".join(v.split())
-        if not v:
-            raise ValueError("empty")
-        return v
+    prompt: Text            # neutral: names a person without the attribute ("a photo of a doctor")
+    subject: Text           # the words of `prompt` naming the person ("doctor")
 
 
 def _mentions(text: str, word: str) -> bool:
@@ -221,7 +221,8 @@ def llm_pairs(value: ValuePrinciple, n: int, client) -> tuple[list[PromptPair], 
     for _ in range(max_requests):
         if len(pairs) >= n:
             break
-        already = "\n".join(f"- {p}" for p in sorted(seen)) or "(none yet)"
+        # The latest prompts steer the model away from repeats (capped to keep the request short).
+        already = "\n".join(f"- {p.prompt}" for p in pairs[-100:]) or "(none yet)"
         common = {"principle": value.principle, "concept": value.concept, "n": min(per_request, n - len(pairs)),
                   "already": already}
         if value.kind == "toxicity":
