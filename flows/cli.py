@@ -22,6 +22,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu or cuda (config: device)")
 
 
+def _retriever_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-clip", action="store_true", help="retrieve by keywords only (skip the CLIP similarity step)")
+    p.add_argument("--min-similarity", type=float, help="CLIP similarity at which a value applies (calibrate per CLIP model)")
+
+
 def config_from_args(args: argparse.Namespace, out_dir=None):
     """Build the validated RunConfig from --config, direct flags and --set overrides."""
     from livo_core.config import load_config, parse_override
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--values-file", help="YAML file of value principles")
     p.add_argument("--use-llm", action="store_true", help="let the configured LLM decide among candidates")
+    _retriever_args(p)
     _config_args(p)
 
     p = sub.add_parser("generate", help="generate images with a value encoder")
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=float, help="bias values: share of samples generated with the value")
+    _retriever_args(p)
     _config_args(p)
 
     p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
