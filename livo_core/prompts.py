@@ -20,13 +20,17 @@ import re
 import string
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from livo_core.config import RunConfig
 from livo_core.errors import LivoError
 from livo_core.values import Classifier, ValuePrinciple
+
+if TYPE_CHECKING:   # importing openai costs ~1 s; the offline template source never needs it
+    from livo_core.llm import LLMClient
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +204,8 @@ def _mentions(text: str, word: str) -> bool:
     return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
 
 
-def llm_pairs(value: ValuePrinciple, n: int, client) -> tuple[list[PromptPair], list[dict]]:
-    """Up to `n` prompt pairs for `value` written by the LLM behind `client` (an LLMClient).
+def llm_pairs(value: ValuePrinciple, n: int, client: LLMClient) -> tuple[list[PromptPair], list[dict]]:
+    """Up to `n` prompt pairs for `value` written by the LLM behind `client`.
 
     Asks `llm.pairs_per_request` at a time, telling the model which prompts it already wrote, until
     `n` distinct pairs exist or a request brings nothing new. Returns (pairs, rejections); each
@@ -235,9 +239,9 @@ def llm_pairs(value: ValuePrinciple, n: int, client) -> tuple[list[PromptPair], 
             reject(r["reason"], r["item"])
         before = len(pairs)
         for item in items:
-            raw = item.model_dump()
             if len(pairs) >= n:
                 break
+            raw = item.model_dump()
             if item.prompt in seen:
                 reject("duplicate prompt", raw)
                 continue
@@ -260,7 +264,7 @@ def llm_pairs(value: ValuePrinciple, n: int, client) -> tuple[list[PromptPair], 
                     reject(f"subject {item.subject!r} does not occur in the prompt", raw)
                     continue
                 attribute = attributes[len(pairs) % len(attributes)]
-                aligned = fix_articles(re.sub(rf"\b{re.escape(item.subject)}\b", f"{attribute} {item.subject}",
+                aligned = fix_articles(re.sub(rf"\b{re.escape(item.subject)}\b", lambda m: f"{attribute} {m.group(0)}",
                                               item.prompt, count=1, flags=re.IGNORECASE))
             seen.add(item.prompt)
             pairs.append(PromptPair(value.id, value.kind, item.prompt, aligned, item.prompt, attribute, source))
@@ -270,8 +274,9 @@ def llm_pairs(value: ValuePrinciple, n: int, client) -> tuple[list[PromptPair], 
 
 
 # ---------------------------------------------------------------------- both sources
-def generate_pairs(cfg, values: list[ValuePrinciple], cache_dir: Path) -> tuple[list[PromptPair], list[dict]]:
-    """Prompt pairs for every value of a run (cfg: RunConfig), from cfg.prompt_source.
+def generate_pairs(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None
+                   ) -> tuple[list[PromptPair], list[dict]]:
+    """Prompt pairs for every value of a run, from cfg.prompt_source (LLM answers cached in cache_dir).
 
     Returns (pairs, rejections); rejections are the LLM items that were dropped (none for templates).
     A value that gets no pair at all is a LivoError: a run without data for a value is a wrong run.
@@ -311,7 +316,7 @@ class _PrincipleItem(BaseModel):
     keywords: list[str] = Field(default_factory=list)
 
 
-def propose_principles(client, policy_text: str, existing: list[ValuePrinciple] = (), n: int = 3) -> list[ValuePrinciple]:
+def propose_principles(client: LLMClient, policy_text: str, existing: list[ValuePrinciple] = (), n: int = 3) -> list[ValuePrinciple]:
     """Value principles an LLM reads out of a short policy text (skipping ids in `existing`).
 
     Proposals get the default classifier of their kind (CLIP concept / CLIP attribute scoring) and
