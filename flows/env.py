@@ -12,6 +12,8 @@ def setup_environment() -> None:
     # Keep Prefect's database out of ~/.prefect unless the user chose a home.
     os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("LIVO_HOME", Path.home() / ".livo")) / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral API server needs >20 s (Prefect's default limit) to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
