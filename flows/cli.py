@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a training config field, e.g. --set max_steps=200")
 
     p = sub.add_parser("import-livo-data", help="convert the official LiVO data layout into livo shards")
-    p.add_argument("src")
-    p.add_argument("--out", required=True)
+    p.add_argument("src", help="folder holding <type>/<scene>/metadata.jsonl + images (e.g. the extracted livo_data/)")
+    p.add_argument("--out", required=True, help="dataset run directory to create (re-running the same import resumes it)")
+    p.add_argument("--base-model", help="Stable Diffusion folder or hub id to train on, recorded in RUN/config.json")
+    p.add_argument("--values-file", help="YAML file of value principles to match the data's value texts against (default: data/values.yaml)")
+    p.add_argument("--keep-value-text", action="store_true", help="keep the data's own value wording instead of the values file's principle sentence")
+    p.add_argument("--pairs-per-shard", type=int, default=512, help="pairs per Parquet shard")
 
     p = sub.add_parser("retrieve", help="which value principle applies to a prompt (or not applicable)")
     p.add_argument("prompt")
