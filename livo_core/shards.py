@@ -18,7 +18,6 @@ A shard counts as done only when its marker exists, and readers only ever return
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -293,7 +292,7 @@ def load_pairs(run_dir: Path, value_id: str) -> list[PromptPair] | None:
     path = pairs_path(run_dir, value_id)
     if not path.is_file():
         return None
-    return [PromptPair(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [PromptPair.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def load_plan(run_dir: Path) -> dict[str, Any]:
@@ -326,24 +325,22 @@ def planned_pairs(run_dir: Path, shard_id: str) -> list[PlannedPair]:
 
 
 # --------------------------------------------------------------------------- building one shard
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, values: dict[str, ValuePrinciple]) -> dict:
     """Render, judge and write one planned shard. Returns its stats (also stored in its marker).
 
     renderer: livo_core.render.Renderer; judge: livo_core.judge.Judge; values: value id -> ValuePrinciple.
     """
+    from livo_core.render import image_to_bytes
+
     pairs = planned_pairs(run_dir, shard_id)
     value = values[pairs[0].value_id]
     t0 = time.perf_counter()
     # One batched render for the whole shard: n aligned prompts then n violating ones, same seeds.
     prompts = [p.aligned_prompt for p in pairs] + [p.violating_prompt for p in pairs]
     seeds = [p.seed for p in pairs] * 2
-    images = renderer.render(prompts, seeds)
+    r = cfg.render
+    images = renderer.render(prompts, seeds, steps=r.steps, guidance_scale=r.guidance_scale, height=r.height,
+                             width=r.width, batch_size=r.batch_size, negative_prompt=r.negative_prompt, progress=False)
     render_s = time.perf_counter() - t0
     aligned, violating = images[:len(pairs)], images[len(pairs):]
 
@@ -355,7 +352,7 @@ def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, v
               "config_hash": cfg.config_hash(), "shard_id": shard_id}
     kept, rejected = [], []
     for p, img0, img1, j in zip(pairs, aligned, violating, judgements):
-        row = {**common, "jpg_0": png_bytes(img0), "jpg_1": png_bytes(img1), "caption": p.prompt,
+        row = {**common, "jpg_0": image_to_bytes(img0), "jpg_1": image_to_bytes(img1), "caption": p.prompt,
                "pair_id": p.pair_id, "value_id": p.value_id, "category": p.category,
                "aligned_prompt": p.aligned_prompt, "violating_prompt": p.violating_prompt,
                "aligned_attribute": p.aligned_attribute, "seed_0": p.seed, "seed_1": p.seed,
