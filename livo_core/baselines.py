@@ -1,0 +1,154 @@
+"""Baselines LiVO is measured against, on the same data and the same step budget.
+
+    base model        plain SD, nothing trained
+    negative prompt   plain SD with NEGATIVE_PROMPT ("bloody") as the negative prompt of every image
+    DPO value encoder the LiVO set-up (frozen SD + value token) trained with Diffusion-DPO's sigmoid loss
+                      instead of LiVO's hinges: `train(TrainConfig(loss="dpo", ...))`, nothing new here
+    Diffusion-DPO UNet Wallace et al. 2023: the UNet itself fine-tuned with the sigmoid loss on the same
+                      aligned/violating pairs, no value token (`train_unet_dpo` below)
+
+The UNet baseline fine-tunes every UNet weight (peft is not installed; the toy world's UNet is small, and
+Diffusion-DPO's own SD 1.5 run fine-tunes the full UNet too). The reference model is a frozen copy of the
+UNet. It reuses the LiVO trainer's data path (cached latents and prompt embeddings, the same sampler and
+the same noise/timestep stream for a seed), so the only differences from LiVO are what is trained and the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from livo_core.errors import LivoError
+from livo_core.loss import dpo_loss_terms, min_snr_weights
+from livo_core.train import (
+    LOG_COLUMNS, METRICS, Batch, TrainConfig, TrainResult, base_model_from_data, batch_indices, get_batch,
+    load_sd_parts, model_key, plot_losses, precompute,
+)
+
+log = logging.getLogger("livo.baselines")
+
+NEGATIVE_PROMPT = "bloody"
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Number of parameters a method trains (all of `module`'s)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def unet_denoising_errors(unet, ref_unet, noise_scheduler, batch: Batch, generator: torch.Generator):
+    """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and timesteps (B,), for a trainable UNet
+    against a frozen reference UNet; both read SD's 77 prompt tokens. Same noise and timestep for w and l,
+    drawn exactly as `livo_core.train.denoising_errors` draws them."""
+    B = batch.latents_w.shape[0]
+    device = batch.latents_w.device
+    noise = torch.randn(batch.latents_w.shape, generator=generator).to(device, batch.latents_w.dtype)  # (B, 4, h, w)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)  # (B,)
+    latents = torch.cat([batch.latents_w, batch.latents_l])  # (2B, 4, h, w)
+    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
+    noisy = noise_scheduler.add_noise(latents, noise2, t2)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise2, t2)
+    else:
+        target = noise2
+    prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
+    theta_pred = unet(noisy, t2, prompt).sample  # (2B, 4, h, w), with autograd
+    with torch.no_grad():
+        ref_pred = ref_unet(noisy, t2, prompt).sample
+    theta = F.mse_loss(theta_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (2B,)
+    ref = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    theta_w, theta_l = theta.chunk(2)
+    ref_w, ref_l = ref.chunk(2)
+    return theta_w, ref_w, theta_l, ref_l, t
+
+
+def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
+                   progress: bool = True) -> TrainResult:
+    """Diffusion-DPO on the UNet: fine-tune a copy of SD's UNet on the dataset runs' pairs.
+
+    Uses from `cfg`: base_model, beta_dpo, min_snr_gamma, learning_rate, adam_*, weight_decay, max_grad_norm,
+    batch_size, max_steps, seed, checkpoint_every, log_every, resolution, cache_dir, device (LiVO-only fields
+    are ignored). Writes the same logs as `train` (train_log.csv, loss.png), checkpoints/step-NNNNNN/unet/
+    every `checkpoint_every` steps (all kept: they are evaluated along training), and out/unet/.
+    TrainResult.value_encoder points at out/unet (the trained part).
+    """
+    from tqdm.auto import tqdm
+
+    from livo_core.models import resolve_device
+    from livo_core.shards import read_shards
+
+    out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
+    df, problems = read_shards(data_dirs)
+    for p in problems:
+        log.warning("skipping %s", p)
+    if len(df) == 0:
+        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
+    base_model = cfg.base_model or base_model_from_data(data_dirs)
+    cfg = cfg.model_copy(update={"base_model": base_model, "loss": "dpo"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    sd = load_sd_parts(base_model)
+    data = precompute(df, sd, cfg.cache_dir or out_dir / "cache", model_key(base_model, torch.float32, cfg.resolution),
+                      cfg.resolution, device, torch.float32)
+    del sd.vae, sd.text_encoder
+    ref_unet = sd.unet.to(device)                       # frozen reference (requires_grad False, eval)
+    unet = copy.deepcopy(ref_unet).requires_grad_(True)  # the policy: every weight trained
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    csv_path, png_path = out_dir / "train_log.csv", out_dir / "loss.png"
+    csv_path.write_text(",".join(LOG_COLUMNS) + "\n")
+    last: dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, disable=not progress, desc="train unet-dpo", unit="step")
+    for step in range(1, cfg.max_steps + 1):
+        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, (step - 1) * cfg.batch_size)
+        batch = get_batch(data, idx).to(device)
+        theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
+        weights = min_snr_weights(t, sd.noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+        terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
+        terms["loss"].backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        last = {"step": step, **{k: float(terms[k].detach()) for k in METRICS}, "lr": lr_scheduler.get_last_lr()[0]}
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            unet.save_pretrained(out_dir / "checkpoints" / f"step-{step:06d}" / "unet")
+    bar.close()
+    unet.save_pretrained(out_dir / "unet")
+    plot_losses(csv_path, png_path)
+    (out_dir / "result.json").write_text(json.dumps({"steps": cfg.max_steps, "last": last}, indent=2))
+    return TrainResult(out_dir, cfg.max_steps, last, out_dir / "unet", png_path, csv_path)
+
+
+def pipeline_with_unet(pipe, unet_dir: str | Path):
+    """A copy of SD pipeline `pipe` (sharing its VAE, text encoder, tokenizer) with the UNet from `unet_dir`."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir)).to(pipe.device, pipe.dtype).eval()
+    # Its own scheduler: a diffusers scheduler keeps per-call state (timesteps), so two pipelines must not share one.
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    new = type(pipe)(**{**pipe.components, "unet": unet, "scheduler": scheduler}, requires_safety_checker=False)
+    new.set_progress_bar_config(disable=True)
+    return new
