@@ -208,6 +208,8 @@ def clean_partial(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     removed = []
     for tmp in run_dir.rglob("*.tmp-*"):
+        if not tmp.is_file():
+            continue
         pid = tmp.name.rsplit(".tmp-", 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
@@ -215,7 +217,7 @@ def clean_partial(run_dir: Path) -> list[Path]:
         removed.append(tmp)
     for folder in ("shards", "rejected"):
         for parquet in sorted((run_dir / folder).glob("*.parquet")):
-            if not is_complete(run_dir, parquet.name.removesuffix(".parquet")):
+            if parquet.is_file() and not is_complete(run_dir, parquet.name.removesuffix(".parquet")):
                 parquet.unlink(missing_ok=True)
                 removed.append(parquet)
     return removed

@@ -1,0 +1,310 @@
+"""The dataset flow: value principles -> prompt pairs -> rendered, judged Parquet shards, on Prefect.
+
+    livo dataset --out RUN [--config FILE] [--set key=value ...]
+    livo resume RUN
+
+One Prefect task makes (or reads back) each value's prompt pairs; then ONE TASK PER SHARD renders,
+judges and writes that shard (see livo_core.shards). Values are processed in order, so a value's shards
+are finished before the next value's prompts are asked for. A shard task is skipped when its completion
+marker exists, and is also cached by Prefect (key: config hash + run dir + shard id, cache records kept
+in RUN/.prefect/), so a new flow run over the same run dir touches nothing that is complete.
+
+Models are loaded once per process (`load_models`), never per shard, and never passed to tasks:
+tasks get the config as a dict and the run dir as a string, which Prefect can hash and persist.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from livo_core.config import RunConfig
+from livo_core.errors import LivoError
+from livo_core.models import check_model_source
+from livo_core.shards import (
+    atomic_write_text, build_shard, clean_partial, is_complete, load_pairs, plan_value, read_marker, save_pairs,
+    save_value_plan,
+)
+from livo_core.values import ValuePrinciple, load_values
+
+
+# --------------------------------------------------------------------------- checks before any work
+def check_inputs(cfg: RunConfig) -> list[ValuePrinciple]:
+    """Everything that can be checked without loading a model; raises LivoError. Writes nothing."""
+    values = load_values(cfg.values_file, cfg.values or None)   # unknown value id -> LivoError
+    check_model_source(cfg.base_model)                           # missing model folder -> LivoError
+    clip = cfg.judge.clip_model
+    if clip.startswith("local-dir:") and not Path(clip.removeprefix("local-dir:")).is_dir():
+        raise LivoError(f"judge.clip_model folder {clip.removeprefix('local-dir:')} does not exist: "
+                        "point judge.clip_model at local-dir:<open_clip folder> or an open_clip model name")
+    if cfg.prompt_source == "template":
+        # Offline and cheap: expand the templates now, so an empty prompt list fails before any rendering.
+        from livo_core.prompts import generate_pairs
+        generate_pairs(cfg, values, cache_dir=None)
+    else:
+        from livo_core.llm import LLMClient
+        LLMClient(cfg.llm)   # a missing API key for a remote endpoint fails here, not mid-run
+    return values
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig stored in RUN/config.json, or a LivoError saying why it cannot be used."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise LivoError(f"{run_dir} is not a livo dataset run (no config.json): pass the --out dir of `livo dataset`")
+    try:
+        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, ValidationError) as e:
+        first = str(e).splitlines()[0][:160]
+        raise LivoError(f"{path} is unreadable ({first}); restore it or start a new run with `livo dataset --out NEW_DIR`") from None
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """A run dir must be new, empty, or a livo run made with the same config (same config hash)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LivoError(f"--out {run_dir} is a file: pass a new or empty directory")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    old = read_run_config(run_dir)
+    if old.config_hash() != cfg.config_hash():
+        raise LivoError(f"{run_dir} holds a dataset made with another config (hash {old.config_hash()}, yours "
+                        f"{cfg.config_hash()}): finish it with `livo resume {run_dir}` or pass a new --out")
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create the run dir and its config.json (RunConfig.save holds no secret), after check_run_dir."""
+    check_run_dir(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.json").is_file():
+        tmp = run_dir / f"config.json.tmp-{os.getpid()}"
+        cfg.model_copy(update={"out_dir": run_dir}).save(tmp)
+        os.replace(tmp, run_dir / "config.json")
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """One writer per run dir. flock is released by the kernel when a process dies, even by SIGKILL."""
+    with open(Path(run_dir) / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LivoError(f"another livo process is writing {run_dir}; wait for it or stop it first") from None
+        yield
+
+
+# --------------------------------------------------------------------------- models, once per process
+_MODELS: dict[str, tuple] = {}
+_MODELS_LOCK = threading.Lock()
+# A diffusers pipeline is not thread-safe (its scheduler keeps state): one shard at a time per process.
+_BUILD_LOCK = threading.Lock()
+
+
+def load_models(cfg: RunConfig):
+    """(Renderer, Judge) for this config, loaded on first use in this process and then reused."""
+    from livo_core.judge import Judge
+    from livo_core.render import Renderer
+
+    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, str(cfg.values_file),
+                      cfg.judge.model_dump(mode="json")], sort_keys=True)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()   # one set of models per process: free the old ones first
+            _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge.from_config(cfg))
+        return _MODELS[key]
+
+
+# --------------------------------------------------------------------------- tasks
+@task(name="prompt-pairs", retries=0)
+def pairs_task(config: dict, run_dir: str, value_id: str) -> int:
+    """Make a value's prompt pairs (LLM answers cached in RUN/cache/llm), or read them back if stored."""
+    from livo_core.prompts import generate_pairs
+
+    run = Path(run_dir)
+    pairs = load_pairs(run, value_id)
+    if pairs is None:
+        cfg = RunConfig.model_validate(config)
+        value = load_values(cfg.values_file, [value_id])[0]
+        pairs, rejections = generate_pairs(cfg, [value], run / "cache" / "llm")
+        if rejections:   # dropped LLM items, kept for inspection
+            atomic_write_text(run / "pairs" / f"{value_id}.rejected.jsonl",
+                              "".join(json.dumps(r, default=str) + "\n" for r in rejections))
+        save_pairs(run, value_id, pairs)
+    return len(pairs)
+
+
+def _shard_key(context, params: dict) -> str:
+    cfg_hash = RunConfig.model_validate(params["config"]).config_hash()
+    run_hash = hashlib.sha256(str(Path(params["run_dir"]).resolve()).encode()).hexdigest()[:8]
+    return f"livo-shard-{cfg_hash}-{run_hash}-{params['shard_id']}"
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    # A LivoError is bad input: retrying cannot fix it. Anything else (OOM, I/O) may be transient.
+    try:
+        state.result()
+    except LivoError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="shard", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
+      persist_result=True, task_run_name="shard-{shard_id}")
+def shard_task(config: dict, run_dir: str, shard_id: str) -> dict:
+    """Render, judge and write one shard; a shard with a completion marker is returned as is."""
+    run = Path(run_dir)
+    if is_complete(run, shard_id):
+        return {**read_marker(run, shard_id), "status": "done before"}
+    cfg = RunConfig.model_validate(config)
+    renderer, judge = load_models(cfg)
+    values = {v.id: v for v in load_values(cfg.values_file, cfg.values or None)}
+    with _BUILD_LOCK:
+        return {**build_shard(cfg, run, shard_id, renderer, judge, values), "status": "built"}
+
+
+# --------------------------------------------------------------------------- the flow
+@flow(name="livo-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def dataset_flow(config: dict, run_dir: str) -> dict:
+    """Build (or finish) the preference dataset of `config` in `run_dir`. Returns the run's totals.
+
+    Ends with a LivoError naming the failed shards if any shard failed; finished shards stay on disk.
+    """
+    log = get_run_logger()
+    cfg = RunConfig.model_validate(config)
+    run = Path(run_dir)
+    values = check_inputs(cfg)
+    prepare_run_dir(cfg, run)
+    with run_lock(run):
+        removed = clean_partial(run)
+        if removed:
+            log.warning("removed %d partial file(s) left by an interrupted run", len(removed))
+        # Shard results are cached next to the data: deleting the run dir deletes its cache too.
+        shard = shard_task.with_options(cache_policy=CacheKeyFnPolicy(cache_key_fn=_shard_key).configure(
+            key_storage=str(run.resolve() / ".prefect" / "cache")))
+
+        rows: list[dict] = []
+        stop: LivoError | None = None
+        for value in values:
+            try:
+                pairs_task(config, run_dir, value.id)
+            except LivoError as e:   # e.g. the LLM endpoint failed: keep what is finished, stop here
+                stop = e
+                break
+            shards = plan_value(cfg, value.id, load_pairs(run, value.id))
+            save_value_plan(run, cfg, value.id, shards)
+            # The cache is only trusted for shards whose marker is on disk: a shard deleted by hand is rebuilt.
+            futures = [(shard if is_complete(run, sid) else shard.with_options(refresh_cache=True))
+                       .submit(config, run_dir, sid) for sid in shards]
+            with tqdm(total=len(futures), desc=value.id, unit="shard") as bar:
+                for sid, future in zip(shards, futures):
+                    future.wait()
+                    rows.append(_stats_row(sid, value.id, future.state))
+                    bar.update(1)
+        summary = write_stats(run, rows)
+
+    failed = [r for r in rows if r["status"] == "failed"]
+    if stop is not None:
+        raise LivoError(f"{stop} ({summary['shards_complete']} finished shard(s) kept in {run}; "
+                        f"fix it and run `livo resume {run}`)")
+    if failed:
+        listed = "; ".join(f"{r['shard']}: {r['error']}" for r in failed[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
+                        f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
+    return summary
+
+
+def _stats_row(shard_id: str, value_id: str, state) -> dict:
+    if state.is_completed():
+        s = state.result()
+        status = "cached" if state.name == "Cached" else s["status"]
+        return {"shard": shard_id, "value_id": value_id, "status": status,
+                "planned": s["planned"], "kept": s["kept"], "rejected": s["rejected"],
+                "seconds": s["seconds"], "images_per_s": s.get("images_per_s"), "error": ""}
+    try:
+        state.result()
+        error = state.message or "failed"
+    except Exception as e:  # the task's exception, as the reason for the report
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    return {"shard": shard_id, "value_id": value_id, "status": "failed", "planned": None, "kept": 0,
+            "rejected": {}, "seconds": None, "images_per_s": None, "error": error}
+
+
+def write_stats(run: Path, rows: list[dict]) -> dict:
+    """RUN/stats.json, RUN/stats.md and a Prefect table artifact of per-shard stats; returns the totals."""
+    done = [r for r in rows if r["status"] != "failed"]
+    reasons: dict[str, int] = {}
+    for r in done:
+        for reason, n in r["rejected"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    summary = {"run_dir": str(run), "shards": len(rows), "shards_complete": len(done),
+               "shards_failed": len(rows) - len(done), "kept": sum(r["kept"] for r in done),
+               "rejected": dict(sorted(reasons.items())), "planned": sum(r["planned"] or 0 for r in done)}
+    atomic_write_text(run / "stats.json", json.dumps({"summary": summary, "shards": rows}, indent=1))
+
+    table = [{"shard": r["shard"], "status": r["status"], "kept": r["kept"],
+              "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-",
+              "seconds": r["seconds"], "images/s": r["images_per_s"], "error": r["error"]} for r in rows]
+    header = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n" if table else ""
+    lines = "".join("| " + " | ".join("" if v is None else str(v) for v in t.values()) + " |\n" for t in table)
+    atomic_write_text(run / "stats.md", f"# Dataset {run}\n\n{summary['kept']} pairs kept of {summary['planned']} "
+                                        f"planned; rejected: {summary['rejected'] or 'none'}; "
+                                        f"{summary['shards_failed']} shard(s) failed.\n\n{header}{lines}")
+    if table:
+        create_table_artifact(table=table, key="livo-dataset-shards",
+                              description=f"Per-shard stats of the livo dataset in {run}")
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+def _task_runner(args):
+    if getattr(args, "task_runner", "thread") == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if args.dask_address:
+            return DaskTaskRunner(address=args.dask_address)
+        # Each worker process loads the models once; one thread per worker (pipelines are not thread-safe).
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def _run(cfg: RunConfig, run_dir: Path, args) -> int:
+    summary = dataset_flow.with_options(task_runner=_task_runner(args))(
+        config=cfg.model_dump(mode="json"), run_dir=str(run_dir))
+    print(f"livo: {summary['shards_complete']} shard(s) complete in {run_dir}: {summary['kept']} pairs kept, "
+          f"rejected {summary['rejected'] or 'none'}; stats in {run_dir / 'stats.md'}")
+    return 0
+
+
+def cli_dataset(args) -> int:
+    from flows.cli import config_from_args
+
+    run_dir = Path(args.out)
+    cfg = config_from_args(args, out_dir=run_dir)
+    check_inputs(cfg)           # fail on bad input before Prefect starts or anything is written
+    check_run_dir(cfg, run_dir)
+    return _run(cfg, run_dir, args)
+
+
+def cli_resume(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise LivoError(f"{run_dir} does not exist: pass the --out dir of an earlier `livo dataset`")
+    cfg = read_run_config(run_dir)
+    check_inputs(cfg)
+    return _run(cfg, run_dir, args)
