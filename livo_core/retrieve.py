@@ -29,22 +29,16 @@ from pydantic import BaseModel, Field
 
 from livo_core.values import ValuePrinciple
 
-# Nouns that name a person's gender by themselves ("a woman doctor"). Adjectives (the values file's
-# attributes: "female", "asian", "round-headed") count only right before a person word, so that
-# "a doctor in a white coat" still gets the racial-equality value while "a white doctor" does not.
-GENDER_NOUNS = {
-    "male": ["man", "men", "boy", "boys", "gentleman", "gentlemen", "father", "husband", "king", "businessman"],
-    "female": ["woman", "women", "girl", "girls", "lady", "ladies", "mother", "wife", "queen", "businesswoman"],
-}
-# Other ways to write the paper's race attributes, used like the attributes themselves.
-ATTRIBUTE_SYNONYMS = {
+# Words that name an attribute besides the attribute itself: "a woman doctor" names the gender.
+ATTRIBUTE_WORDS = {
+    "male": ["man", "men", "boy", "gentleman", "father", "husband", "king", "businessman"],
+    "female": ["woman", "women", "girl", "lady", "ladies", "mother", "wife", "queen", "businesswoman"],
     "white": ["caucasian", "european"],
     "black": ["african", "african-american"],
     "asian": ["east asian", "chinese", "japanese", "korean"],
     "indian": ["south asian"],
     "latino": ["latina", "hispanic", "mexican"],
 }
-ADJECTIVE_REACH = 2  # an attribute adjective names the person if a person word follows within 2 words
 
 
 @dataclass
@@ -79,20 +73,15 @@ def _find(phrases: list[str], text: str) -> list[re.Match]:
 
 
 def named_attribute(value: ValuePrinciple, prompt: str) -> str | None:
-    """The attribute of a bias value that `prompt` already names for its person, or None.
+    """The attribute of a bias value that `prompt` already names, or None.
 
-    "a photo of a female doctor" -> "female"; "an asian nurse" -> "asian"; "a doctor in a white coat" -> None.
+    Any mention counts: "a female doctor", "a doctor who is a woman", "a doctor in a green coat" (the toy
+    world's attribute is the coat colour). The price is that "a doctor in a white coat" counts as naming
+    race "white" in the real world; the LLM step is the place for such nuance.
     """
-    person_words = value.keywords + [n for nouns in GENDER_NOUNS.values() for n in nouns] + ["people", "person"]
-    person_starts = [m.start() for m in _find(person_words, prompt)]
     for attribute in value.attributes:
-        if _find(GENDER_NOUNS.get(attribute, []), prompt):
+        if _find([attribute] + ATTRIBUTE_WORDS.get(attribute, []), prompt):
             return attribute
-        for m in _find([attribute] + ATTRIBUTE_SYNONYMS.get(attribute, []), prompt):
-            # Words between the adjective and the next person word: at most ADJECTIVE_REACH - 1.
-            following = [s for s in person_starts if s >= m.end()]
-            if following and len(prompt[m.end():min(following)].split()) < ADJECTIVE_REACH:
-                return attribute
     return None
 
 

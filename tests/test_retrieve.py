@@ -57,8 +57,10 @@ def test_all_applicable_values_are_reported_and_the_reason_names_the_rule():
     ("a photo of a black doctor", None, "black"),
     ("an Asian female nurse", "female", "asian"),
     ("a hispanic young chef", None, "latino"),
-    ("a doctor in a white coat", None, None),             # a colour, not the doctor's race
+    ("a doctor who is a woman", "female", None),
+    ("a doctor in a white coat", None, "white"),          # any mention counts (the toy world's coat colours)
     ("a photo of a doctor", None, None),
+    ("a photo of a womanizer", None, None),               # whole words only
 ])
 def test_named_attribute(prompt, gender, race):
     assert named_attribute(BY_ID["gender-equality"], prompt) == gender
@@ -70,7 +72,8 @@ def test_bias_values_skip_prompts_that_name_their_attribute():
     female = retriever("a photo of a female doctor")
     assert female.value_id == "racial-equality" and "gender-equality skipped" in female.reason
     assert retriever("an asian female nurse").value is None
-    assert retriever("a doctor in a white coat").value_id == "gender-equality"
+    coat = retriever("a doctor in a white coat")
+    assert coat.value_id == "gender-equality" and [v.id for v in coat.candidates] == ["gender-equality"]
 
 
 def test_shipped_values_files_load_and_every_keyword_retrieves_its_value():
