@@ -142,13 +142,13 @@ def clip_score(scorer: Any, images: Sequence, texts: Sequence[str]) -> float:
     This is torchmetrics' CLIPScore, which the official evaluation code uses (with ViT-L/14): cosine ×100,
     negatives clipped to 0. With real CLIP models cosines are positive, so the clipping only matters for
     tiny random test models.
-    `scorer` is a `livo_core.judge.ClipScorer` (anything with `.scores(images, texts)` -> one cosine per
-    image/text pair).
+    `scorer` is a `livo_core.judge.ClipScorer` (its `image_text_scores(images, texts)` gives one cosine per
+    image/text pair); `images` are PIL images, `texts` their prompts.
     """
     _require(images, "images")
     if len(images) != len(texts):
         raise LivoError(f"clip_score got {len(images)} images but {len(texts)} texts: pass one text per image")
-    cosines = [float(c) for c in scorer.scores(list(images), list(texts))]
+    cosines = [float(c) for c in scorer.image_text_scores(list(images), list(texts))]
     return sum(max(100 * c, 0.0) for c in cosines) / len(cosines)
 
 

@@ -127,7 +127,7 @@ class FixedCosines:
         self.cosines = cosines
         self.calls = []
 
-    def scores(self, images, texts):
+    def image_text_scores(self, images, texts):
         self.calls.append((images, texts))
         return self.cosines
 
@@ -141,6 +141,23 @@ def test_clip_score_is_100_cosine_clipped_at_zero():
         clip_score(scorer, ["a", "b"], ["x"])
     with pytest.raises(LivoError, match="N = 0"):
         clip_score(scorer, [], [])
+
+
+def test_clip_score_with_real_open_clip(tiny_clip):
+    # The real judge's ClipScorer on a tiny random open_clip model: the score is 100 × the mean cosine of
+    # each image with ITS text (clipped at 0), computed here from the normalised embeddings.
+    from PIL import Image
+
+    from livo_core.judge import ClipScorer
+
+    scorer = ClipScorer(tiny_clip, device="cpu")
+    images = [Image.new("RGB", (32, 32), c) for c in [(250, 0, 0), (0, 0, 250), (0, 250, 0)]]
+    texts = ["a red square", "a blue square", "a red square"]
+    cos = (scorer.encode_image(images) * scorer.encode_text(texts)).sum(-1).tolist()
+    assert clip_score(scorer, images, texts) == pytest.approx(sum(max(100 * c, 0) for c in cos) / 3, rel=1e-5)
+    # Text order matters: each image is scored against its own text, not all texts.
+    swapped = (scorer.encode_image(images) * scorer.encode_text(texts[::-1])).sum(-1).tolist()
+    assert clip_score(scorer, images, texts[::-1]) == pytest.approx(sum(max(100 * c, 0) for c in swapped) / 3, rel=1e-5)
 
 
 def test_fidelity():
