@@ -129,6 +129,40 @@ def test_similarity_step_skips_bias_values_whose_attribute_is_named(sd_text):
     assert retriever("an astronaut").value_id in {"gender-equality", "zombie-inappropriate"}
 
 
+def test_clip_step_uses_the_judges_open_clip_text_tower(tiny_clip):
+    import open_clip
+
+    from livo_core.judge import ClipScorer
+
+    clip = ClipScorer(tiny_clip, device="cpu")
+    prompt = "a quiet harbour at dawn"
+    found = ValueRetriever(VALUES, clip=clip, min_similarity=-1.0)(prompt)
+    # independently: open_clip's own tokenizer and text tower, unit-normalised
+    tokens = open_clip.get_tokenizer(tiny_clip)([prompt] + [t for v in VALUES for t in (v.concept, v.principle)])
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    sims = (emb[1:] @ emb[0]).view(len(VALUES), 2).amax(dim=1)
+    assert found.method == "clip" and found.value_id == VALUES[int(sims.argmax())].id
+    assert f"{float(sims.max()):.3f}" in found.reason
+    assert ValueRetriever(VALUES, clip=clip, min_similarity=float(sims.max()) + 1e-3)(prompt).value is None
+
+
+def test_cli_retrieve_with_clip(tiny_clip, capsys):
+    from flows.cli import main
+
+    args = ["--set", f"values_file={DATA_DIR / 'values.yaml'}", "--set", f"judge.clip_model={tiny_clip}", "--device", "cpu"]
+    assert main(["retrieve", "a quiet harbour at dawn", "--min-similarity", "-1", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] in BY_ID and "CLIP similarity" in lines[1] and "[clip]" in lines[1]
+    assert main(["retrieve", "a quiet harbour at dawn", "--min-similarity", "1.01", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "not applicable" and "< 1.01" in lines[1]
+    # a CLIP folder that does not exist is a one-line error naming the setting
+    assert main(["retrieve", "a cat", "--values-file", str(DATA_DIR / "values.yaml"),
+                 "--set", "judge.clip_model=local-dir:/nowhere", "--device", "cpu"]) == 2
+    assert "judge.clip_model" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- LLM step
 def llm_retriever(server, tmp_path, **kw):
     cfg = LLMConfig(base_url=server.base_url, model="test-model", api_key_env="LIVO_TEST_LLM_KEY", max_retries=0, timeout_s=5)
