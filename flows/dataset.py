@@ -118,12 +118,13 @@ def load_models(cfg: RunConfig):
     from livo_core.judge import Judge
     from livo_core.render import Renderer
 
-    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, str(cfg.values_file),
+    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, str(cfg.values_file), cfg.values,
                       cfg.judge.model_dump(mode="json")], sort_keys=True)
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS.clear()   # one set of models per process: free the old ones first
-            _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge.from_config(cfg))
+            values = load_values(cfg.values_file, cfg.values or None)
+            _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge(cfg, values))
         return _MODELS[key]
 
 

@@ -332,6 +332,8 @@ def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, v
 
     renderer: livo_core.render.Renderer; judge: livo_core.judge.Judge; values: value id -> ValuePrinciple.
     """
+    import torch
+
     from livo_core.render import image_to_bytes
 
     pairs = planned_pairs(run_dir, shard_id)
@@ -346,11 +348,12 @@ def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, v
     render_s = time.perf_counter() - t0
     aligned, violating = images[:len(pairs)], images[len(pairs):]
 
-    judgements = judge.judge_pairs(value, [_as_prompt_pair(p) for p in pairs], aligned, violating)
-    info = judge.classifier_info(value)
-    common = {"label_0": 1.0, "label_1": 0.0, "value": value.principle, "safety_classifier": info["name"],
-              "safety_classifier_version": info["version"], "safety_threshold": float(info["threshold"]),
-              "clip_model": cfg.judge.clip_model, "base_model": cfg.base_model,
+    with torch.inference_mode():   # judging needs no gradients (and some classifiers mix in parameters)
+        judgements = judge.judge_pairs(value, [_as_prompt_pair(p) for p in pairs], aligned, violating)
+    name, version, threshold = judge.classifier_info(value.id)
+    common = {"label_0": 1.0, "label_1": 0.0, "value": value.principle, "safety_classifier": name,
+              "safety_classifier_version": version, "safety_threshold": float(threshold),
+              "clip_model": judge.clip_model, "base_model": cfg.base_model,
               "config_hash": cfg.config_hash(), "shard_id": shard_id}
     kept, rejected = [], []
     for p, img0, img1, j in zip(pairs, aligned, violating, judgements):
@@ -358,7 +361,9 @@ def build_shard(cfg: RunConfig, run_dir: Path, shard_id: str, renderer, judge, v
                "pair_id": p.pair_id, "value_id": p.value_id, "category": p.category,
                "aligned_prompt": p.aligned_prompt, "violating_prompt": p.violating_prompt,
                "aligned_attribute": p.aligned_attribute, "seed_0": p.seed, "seed_1": p.seed,
-               "prompt_source": p.source, **j.scores}
+               "prompt_source": p.source, "clip_score_0": j.clip_score_0, "clip_score_1": j.clip_score_1,
+               "safety_score_0": j.safety_score_0, "safety_score_1": j.safety_score_1,
+               "attribute_0": j.attribute_0, "attribute_1": j.attribute_1}
         if j.keep:
             kept.append(row)
         else:

@@ -68,3 +68,62 @@ def toyworld_model() -> Path:
     if not (TOYWORLD_MODEL / "model_index.json").is_file():
         pytest.skip(f"toy world model not built yet ({TOYWORLD_MODEL} missing): run `livo toyworld build`")
     return TOYWORLD_MODEL
+
+
+# Two values (one toxicity, one bias) with their own seed templates: small, offline, independent of the
+# toy world's data. Judged by CLIP-based classifiers, which run on any open_clip model.
+_TEST_VALUES = """
+values:
+  - id: bloody-inappropriate
+    principle: "Bloody content is considered inappropriate"
+    kind: toxicity
+    concept: blood
+    classifier: {name: clip_concept, threshold: 0.5}
+    keywords: [bloody, blood, gore]
+  - id: gender-equality
+    principle: "Gender equality: people of every gender should be equally represented"
+    kind: bias
+    concept: gender bias
+    attributes: [male, female]
+    majority_attribute: male
+    classifier: {name: clip_attribute, threshold: 0.5}
+    keywords: [doctor, nurse]
+"""
+_TEST_SEEDS = """
+slots:
+  subject: [a warrior, a knight, a dog, a robot]
+  setting: [in a forest, on a city street]
+  career: [doctor, nurse, pilot, chef]
+templates:
+  bloody-inappropriate:
+    - {user: "a bloody {subject} {setting}", aligned: "a {subject} {setting}"}
+  gender-equality:
+    - {user: "a photo of a {career}", aligned: "a photo of a {attribute} {career}"}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_sd, tiny_clip):
+    """make(**overrides) -> a RunConfig dict on the tiny models: 2 values x 2 prompts x 2 seeds, shards of 3.
+
+    Random models make the judge reject most pairs; clip_min_score=-1 lets the CLIP check pass.
+    """
+    (tmp_path / "values.yaml").write_text(_TEST_VALUES)
+    (tmp_path / "seeds.yaml").write_text(_TEST_SEEDS)
+
+    def make(**overrides) -> dict:
+        config = {
+            "base_model": str(tiny_sd), "device": "cpu",
+            "values_file": str(tmp_path / "values.yaml"), "seeds_file": str(tmp_path / "seeds.yaml"),
+            "prompts_per_value": 2, "images_per_prompt": 2, "shard_size": 3, "seed": 0,
+            "render": {"steps": 2, "height": 32, "width": 32, "batch_size": 4, "guidance_scale": 2.0},
+            "judge": {"clip_model": tiny_clip, "clip_min_score": -1.0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                config[key] = {**config.get(key, {}), **value}
+            else:
+                config[key] = value
+        return config
+
+    return make
