@@ -64,7 +64,7 @@ class LLMChoice(BaseModel):
 
 def _phrase_pattern(phrase: str) -> re.Pattern:
     """Whole words, case-insensitive, any spacing, optional plural: "police officer" ~ "Police  officers"."""
-    words = r"\s+".join(re.escape(w) for w in phrase.lower().split())
+    words = r"\s+".join(re.escape(w) for w in phrase.split())
     return re.compile(rf"(?<![\w-]){words}(?:s|es)?(?![\w-])", re.IGNORECASE)
 
 
@@ -191,10 +191,10 @@ class ValueRetriever:
         if self.clip is not None:
             emb = self.clip.encode_text(texts)
         else:
+            from livo_core.encoder import text_length, tokenize
             from livo_core.models import clip_tokenizer
 
             tokenizer = self.tokenizer or clip_tokenizer()
-            tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
-            emb = self.text_encoder(tokens.input_ids.to(self.text_encoder.device)).pooler_output
+            ids, _ = tokenize(tokenizer, texts, text_length(tokenizer, self.text_encoder))    # (N, 77)
+            emb = self.text_encoder(ids.to(self.text_encoder.device)).pooler_output        # (N, D)
         return torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
