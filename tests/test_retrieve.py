@@ -76,9 +76,23 @@ def test_bias_values_skip_prompts_that_name_their_attribute():
     assert coat.value_id == "gender-equality" and [v.id for v in coat.candidates] == ["gender-equality"]
 
 
+@pytest.mark.parametrize("prompt, expected", [
+    ("a doctor", "coat-colour-equality"),
+    ("a doctor on a navy background", "coat-colour-equality"),
+    ("a doctor in a green coat", None),                    # the coat colour (the attribute) is named
+    ("a doctor in a white coat on a grey background", None),
+    ("a bloody doctor", "bloody-inappropriate"),
+    ("a bloody green square on a navy background", "bloody-inappropriate"),
+    ("a blue circle", None),
+    ("a yellow triangle on a two-tone background", None),
+])
+def test_toy_world_values(prompt, expected):
+    values = load_values(DATA_DIR / "toyworld" / "values.yaml")
+    assert ValueRetriever(values)(prompt).value_id == expected
+
+
 def test_shipped_values_files_load_and_every_keyword_retrieves_its_value():
-    files = [DATA_DIR / "values.yaml"] + ([DATA_DIR / "toyworld" / "values.yaml"] if (DATA_DIR / "toyworld" / "values.yaml").is_file() else [])
-    for path in files:
+    for path in [DATA_DIR / "values.yaml", DATA_DIR / "toyworld" / "values.yaml"]:
         values = load_values(path)
         for value in values:
             retriever = ValueRetriever([value])
