@@ -29,6 +29,20 @@ from flows import env  # noqa: F401  (offline/quiet environment before Prefect l
 from livo_core.errors import LivoError
 from livo_core.paths import TOYWORLD_DIR
 
+
+def cli_toyworld(args) -> int:
+    """`livo toyworld build [--out DIR] [--steps N]`: retrain the world model and world CLIP from scratch."""
+    from livo_core.toyworld.build import build_world
+
+    if args.toyworld_command == "build":
+        if args.steps is not None and args.steps < 1:
+            raise LivoError(f"--steps must be at least 1, got {args.steps}")
+        out = Path(args.out) if args.out else TOYWORLD_DIR
+        report = build_world(out, steps=args.steps)
+        print(f"toy world built in {report['seconds']:.0f}s: {out / 'model'} and {out / 'clip'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- settings
 class DemoSettings(BaseModel):
     """Sizes and training settings of the demo. FULL is the measured run; QUICK a smoke test of every stage."""
