@@ -100,8 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
 
+    p = sub.add_parser("nightly", help="one night: new data -> train -> evaluate vs production -> promote if not worse")
+    p.add_argument("--root", default="runs/nightly", help="the nightly folder (data, held-out set, models)")
+    p.add_argument("--config", help="nightly config file (.toml/.yaml/.json); defaults: the toy world")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a nightly config field, e.g. --set train.max_steps=50 (repeatable)")
+
     p = sub.add_parser("deploy", help="create the Prefect deployments against the configured Prefect API")
-    p.add_argument("--prefect-yaml", default=None)
+    p.add_argument("--prefect-yaml", default=None, help="deploy what this prefect.yaml declares (prefect deploy --all)")
+    p.add_argument("--work-pool", default="livo", help="work pool of the deployments (created as a process pool if missing)")
+    p.add_argument("--serve", action="store_true", help="no work pool: serve the deployments from this process")
+    p.add_argument("--root", default="runs/nightly", help="nightly folder the nightly and evaluation deployments use")
+    p.add_argument("--nightly-config", help="nightly config file the nightly deployment passes")
+    p.add_argument("--nightly-cron", default="0 3 * * *", help="cron schedule of the nightly deployment")
+    p.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
 
     return parser
 
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate": ("flows.inference", "cli_generate"),
             "toyworld": ("flows.demo", "cli_toyworld"),
             "demo": ("flows.demo", "cli_demo"),
+            "nightly": ("flows.nightly", "cli_nightly"),
             "deploy": ("flows.deployments", "cli_deploy"),
         }
         module, func = handlers[args.command]

@@ -1,0 +1,137 @@
+"""`livo deploy`: the livo deployments on the configured Prefect API (a `prefect server` or Prefect Cloud).
+
+    livo deploy [--work-pool livo] [--nightly-cron "0 3 * * *"] [--timezone UTC] [--root runs/nightly]
+    livo deploy --serve           # no work pool: this process serves the deployments and runs them
+    livo deploy --prefect-yaml prefect.yaml    # the same deployments, declared in prefect.yaml
+
+Deployments (flow name / deployment name):
+  livo-dataset/dataset        build or finish a dataset run (parameters: config, run_dir)
+  livo-train/training         train a value encoder on dataset runs
+  livo-evaluate/evaluation    score a registry version on the nightly's held-out set (root, version)
+  livo-nightly/nightly        the nightly loop (root, config_file, overrides); cron "0 3 * * *" UTC
+
+With a work pool, runs wait until a worker of that pool picks them up (`prefect worker start --pool livo`).
+A missing pool is created as a `process` pool: its worker runs each flow run as a subprocess on its own
+machine, in the project folder. For GPU machines, see docs/operations.md (one pool per machine kind).
+Deployments load their flows by module path (flows.nightly.nightly_flow), so a worker needs livo installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
+from livo_core.errors import LivoError
+from livo_core.paths import ROOT
+
+DEFAULT_CRON = "0 3 * * *"
+DEFAULT_POOL = "livo"
+
+
+def _training_flow():
+    """The training flow (flows/training.py), when that module provides one."""
+    try:
+        from flows import training
+    except ImportError:
+        return None
+    return getattr(training, "train_flow", None) or getattr(training, "train_value_encoder", None)
+
+
+def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC", work_pool: str | None = None,
+                      job_variables: dict | None = None, config_file: str | None = None) -> list:
+    """RunnerDeployment objects for every livo flow (nothing is sent to the API yet)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.dataset import dataset_flow
+    from flows.nightly import evaluate_flow, nightly_flow
+    from livo_core.config import RunConfig
+
+    root = str(Path(root).resolve())   # a worker runs flows elsewhere: give it absolute paths
+    common = dict(entrypoint_type=EntrypointType.MODULE_PATH, work_pool_name=work_pool, job_variables=job_variables or {},
+                  tags=["livo"])
+    deployments = [
+        dataset_flow.to_deployment(name="dataset", description="Build or finish a livo dataset run (renders take the gpu tag).",
+                                   parameters={"config": RunConfig().model_dump(mode="json"),
+                                               "run_dir": str(Path("runs/dataset").resolve())}, **common),
+        evaluate_flow.to_deployment(name="evaluation", description="Held-out metrics of a registry version (default: production).",
+                                    parameters={"root": root}, **common),
+        nightly_flow.to_deployment(name="nightly", description="New data -> train -> evaluate -> promote if not worse.",
+                                   schedule=CronSchedule(cron=cron, timezone=timezone),
+                                   parameters={"root": root, "config_file": config_file}, **common),
+    ]
+    train = _training_flow()
+    if train is not None:
+        deployments.insert(1, train.to_deployment(name="training", description="Train a value encoder on dataset runs.", **common))
+    return deployments
+
+
+def _check_api() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise LivoError("no Prefect API is configured: start one (`prefect server start`) and set PREFECT_API_URL, "
+                        "e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    return url
+
+
+def ensure_work_pool(name: str) -> str:
+    """The pool's type; a missing pool is created as a `process` pool."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(name).type
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            return "process"
+
+
+def deploy(root: str, work_pool: str = DEFAULT_POOL, cron: str = DEFAULT_CRON, timezone: str = "UTC",
+           config_file: str | None = None) -> dict[str, str]:
+    """Create or update the deployments on the Prefect API; returns {"flow/deployment": id}."""
+    url = _check_api()
+    try:
+        pool_type = ensure_work_pool(work_pool)
+    except Exception as e:  # connection refused, wrong URL, auth
+        raise LivoError(f"cannot reach the Prefect API at {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]}): "
+                        "is `prefect server start` running there?") from None
+    # A process worker runs each flow in this project's folder (else Prefect picks a temporary one).
+    job_variables = {"working_dir": str(ROOT)} if pool_type == "process" else {}
+    deployments = build_deployments(root, cron, timezone, work_pool, job_variables, config_file)
+    # RunnerDeployment.apply is what prefect.deploy does per deployment, minus its image and worker checks
+    # (which, in prefect 3.8.8 against its own server, fail with a 422 on the workers query).
+    return {f"{d.flow_name}/{d.name}": str(d.apply(work_pool_name=work_pool)) for d in deployments}
+
+
+def cli_deploy(args) -> int:
+    if getattr(args, "prefect_yaml", None):
+        path = Path(args.prefect_yaml)
+        if not path.is_file():
+            raise LivoError(f"--prefect-yaml {path} not found: pass the prefect.yaml at the project root")
+        _check_api()
+        cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path.resolve())]
+        return subprocess.call(cmd, cwd=path.resolve().parent)
+    root = args.root
+    if args.serve:
+        from prefect import serve
+
+        _check_api()
+        deployments = build_deployments(root, args.nightly_cron, args.timezone, config_file=args.nightly_config)
+        print(f"livo: serving {', '.join(f'{d.flow_name}/{d.name}' for d in deployments)} "
+              "(Ctrl-C stops; this process runs them)")
+        serve(*deployments)
+        return 0
+    ids = deploy(root, args.work_pool, args.nightly_cron, args.timezone, args.nightly_config)
+    for name, i in ids.items():
+        print(f"livo: deployment {name} ({i})")
+    print(f"livo: nightly runs at cron {args.nightly_cron!r} ({args.timezone}); start a worker to run them: "
+          f"prefect worker start --pool {args.work_pool}")
+    return 0
