@@ -2,16 +2,37 @@
 
 A pair is kept only if both images match their prompts and the aligned image is judged clean while the
 violating one is judged violating; every rejected pair is kept apart with its reason.
+
+The rule, per pair (first failing check names the reason):
+  1. CLIP cosine(aligned image, aligned_prompt)     >= judge.clip_min_score   else "aligned_clip_low"
+  2. CLIP cosine(violating image, violating_prompt) >= judge.clip_min_score   else "violating_clip_low"
+  toxicity values (score = how much the image shows the concept):
+  3. aligned score < threshold                                               else "aligned_violates"
+  4. violating score >= threshold                                            else "violating_clean"
+  bias values (attribute = the classifier's confident attribute, or None):
+  3. aligned attribute == pair.aligned_attribute                             else "aligned_wrong_attribute"
+  4. violating attribute is not None                                         else "violating_attribute_unsure"
+  5. violating attribute != pair.aligned_attribute                           else "violating_has_aligned_attribute"
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Protocol
+from importlib.metadata import version as _pkg_version
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import numpy as np
+import torch
 from PIL import Image
 
+from livo_core.errors import LivoError
+from livo_core.models import resolve_device
 from livo_core.values import ValuePrinciple
+
+if TYPE_CHECKING:  # only for annotations: keeps `import livo_core.judge` light
+    from livo_core.config import ClassifierChoice, RunConfig
+    from livo_core.prompts import PromptPair
 
 
 @dataclass
@@ -28,3 +49,288 @@ class SafetyClassifier(Protocol):
     threshold: float
 
     def classify(self, images: list[Image.Image], value: ValuePrinciple) -> list[Verdict]: ...
+
+
+# --------------------------------------------------------------------------- CLIP
+class ClipScorer:
+    """An open_clip model: image-text cosine similarity and zero-shot classification, batched, no grad.
+
+    `model` is an open_clip name ("ViT-L-14", with `pretrained="openai"`) or "local-dir:<folder>" holding
+    `open_clip_config.json` + weights (then `pretrained` must be None).
+    """
+
+    def __init__(self, model: str, pretrained: str | None = None, device: str = "auto", batch_size: int = 64):
+        import open_clip
+
+        self.name = model if pretrained is None else f"{model}/{pretrained}"
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        if model.startswith("local-dir:"):
+            _check_local_clip_dir(model)
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=pretrained, device=self.device)
+            self.tokenizer = open_clip.get_tokenizer(model)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise LivoError(
+                f"cannot load CLIP model {self.name!r} ({str(e).splitlines()[0][:200]}); set judge.clip_model to "
+                "an open_clip name with judge.clip_pretrained (e.g. ViT-L-14 + openai, weights cached locally) "
+                "or to local-dir:<folder with open_clip_config.json and weights>") from e
+        self.model.eval()
+
+    @torch.inference_mode()
+    def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised image embeddings, (N, D), float32 on CPU."""
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + self.batch_size]])
+            feats.append(self.model.encode_image(pixels.to(self.device), normalize=True).float().cpu())
+        return torch.cat(feats) if feats else torch.empty(0, 0)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, (N, D), float32 on CPU. Each distinct text is encoded once."""
+        unique = list(dict.fromkeys(texts))
+        feats = []
+        for i in range(0, len(unique), self.batch_size):
+            tokens = self.tokenizer(unique[i : i + self.batch_size]).to(self.device)
+            feats.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+        if not feats:
+            return torch.empty(0, 0)
+        table = torch.cat(feats)  # (U, D)
+        return table[torch.tensor([unique.index(t) for t in texts])]
+
+    def image_text_scores(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
+        """Cosine similarity of image_i with text_i, shape (N,)."""
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts; give one text per image")
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        return (self.encode_image(images) * self.encode_text(texts)).sum(-1).numpy()
+
+    @torch.inference_mode()
+    def zero_shot(self, images: list[Image.Image], labels: list[str]) -> np.ndarray:
+        """Softmax over `labels` per image, shape (N, len(labels)); rows sum to 1.
+
+        Logits are the model's learned temperature times cosine similarity, as in CLIP's zero-shot eval.
+        """
+        if not images:
+            return np.zeros((0, len(labels)), dtype=np.float32)
+        img = self.encode_image(images)              # (N, D)
+        txt = self.encode_text(labels)               # (L, D)
+        logit_scale = self.model.logit_scale.exp().float().cpu()
+        return torch.softmax(logit_scale * img @ txt.T, dim=-1).numpy()  # (N, L)
+
+
+def _check_local_clip_dir(model: str) -> None:
+    # open_clip only warns when a local folder has no weights and then judges with random ones.
+    folder = model.removeprefix("local-dir:")
+    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        raise LivoError(f"CLIP model folder {folder} not found or has no open_clip_config.json: set "
+                        "judge.clip_model to local-dir:<folder with open_clip_config.json and weights>")
+    if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(folder)):
+        raise LivoError(f"CLIP model folder {folder} has no weights (.safetensors/.bin/.pth): add "
+                        "open_clip_model.safetensors next to open_clip_config.json")
+
+
+# --------------------------------------------------------------------------- safety classifiers
+# NudeNet detects body parts; these are the parts whose presence counts as nudity. Changing the set
+# changes what "violating" means, so it is versioned (bump the suffix in NudeNetClassifier.version).
+NUDENET_EXPOSED_CLASSES = frozenset({
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "BUTTOCKS_EXPOSED",
+    "ANUS_EXPOSED",
+})
+
+
+def nudity_score(detections: list[dict]) -> float:
+    """Violation score of one image from NudeDetector.detect output: max score of an exposed class, else 0."""
+    return max((float(d["score"]) for d in detections if d["class"] in NUDENET_EXPOSED_CLASSES), default=0.0)
+
+
+class NudeNetClassifier:
+    """Toxicity (nudity) by NudeNet's body-part detector (its 320n ONNX model ships in the wheel)."""
+
+    name = "nudenet"
+
+    def __init__(self, threshold: float, batch_size: int = 16):
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime is imported (FINDINGS)
+        from nudenet import NudeDetector
+
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.detector = NudeDetector()
+        self.version = f"nudenet-{_pkg_version('nudenet')}/320n/exposed-v1"
+
+    def detect(self, images: list[Image.Image]) -> list[list[dict]]:
+        """Raw detections per image: [{"class", "score", "box"}, ...]."""
+        # NudeNet reads images the way cv2.imread does: BGR uint8 arrays.
+        bgr = [np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1]) for im in images]
+        return self.detector.detect_batch(bgr, batch_size=self.batch_size) if bgr else []
+
+    def classify(self, images: list[Image.Image], value: ValuePrinciple) -> list[Verdict]:
+        return [Verdict(score=nudity_score(d)) for d in self.detect(images)]
+
+
+class ClipConceptClassifier:
+    """Toxicity by CLIP zero-shot: P("a photo with <concept>") against "without <concept>" and "normal"."""
+
+    name = "clip_concept"
+
+    def __init__(self, clip: ClipScorer, threshold: float):
+        self.clip = clip
+        self.threshold = threshold
+        self.version = f"clip-concept-v1/{clip.name}"
+
+    @staticmethod
+    def labels(concept: str) -> list[str]:
+        return [f"a photo with {concept}", f"a photo without {concept}", "a normal photo"]
+
+    def classify(self, images: list[Image.Image], value: ValuePrinciple) -> list[Verdict]:
+        probs = self.clip.zero_shot(images, self.labels(value.concept))  # (N, 3)
+        return [Verdict(score=float(p[0])) for p in probs]
+
+
+class ClipAttributeClassifier:
+    """Bias by CLIP zero-shot over "a photo of a <attribute> person" for the value's attributes."""
+
+    name = "clip_attribute"
+
+    def __init__(self, clip: ClipScorer, threshold: float):
+        self.clip = clip
+        self.threshold = threshold
+        self.version = f"clip-attribute-v1/{clip.name}"
+
+    @staticmethod
+    def labels(attributes: list[str]) -> list[str]:
+        return [f"a photo of a {a} person" for a in attributes]
+
+    def classify(self, images: list[Image.Image], value: ValuePrinciple) -> list[Verdict]:
+        probs = self.clip.zero_shot(images, self.labels(value.attributes))  # (N, A)
+        verdicts = []
+        for p in probs:
+            best = int(p.argmax())
+            confident = p[best] >= self.threshold
+            verdicts.append(Verdict(score=float(p[best]), attribute=value.attributes[best] if confident else None))
+        return verdicts
+
+
+def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, clip: ClipScorer | None) -> SafetyClassifier:
+    """The safety classifier for `value`: the config's override if given, else the values file's entry.
+
+    `clip` is only used by the CLIP-based classifiers (None is fine for nudenet and toyworld).
+    """
+    name = override.name if override else value.classifier.name
+    threshold = override.threshold if override else value.classifier.threshold
+    if name.startswith("clip_") and clip is None:
+        raise ValueError(f"classifier {name!r} of value {value.id!r} needs a ClipScorer")
+    for_kind = {"nudenet": "toxicity", "clip_concept": "toxicity", "clip_attribute": "bias"}
+    if name in for_kind and for_kind[name] != value.kind:
+        raise LivoError(f"classifier {name!r} judges {for_kind[name]} values but {value.id!r} is a {value.kind} value: "
+                        f"set judge.classifiers.{value.id}.name to a {value.kind} classifier")
+    if name == "nudenet":
+        return NudeNetClassifier(threshold)
+    if name == "clip_concept":
+        return ClipConceptClassifier(clip, threshold)
+    if name == "clip_attribute":
+        return ClipAttributeClassifier(clip, threshold)
+    if name == "toyworld":
+        from livo_core.toyworld import ToyWorldClassifier  # lazy: only toy-world runs need it
+
+        return ToyWorldClassifier(threshold=threshold)
+    raise LivoError(f"unknown safety classifier {name!r} for value {value.id!r}: "
+                    "use nudenet, clip_concept, clip_attribute or toyworld")
+
+
+# --------------------------------------------------------------------------- the judge
+class ClassifierInfo(NamedTuple):
+    name: str
+    version: str
+    threshold: float
+
+
+@dataclass
+class PairJudgement:
+    keep: bool
+    reason: str | None            # None when kept; else which check failed (see the module docstring)
+    clip_score_0: float           # aligned image vs aligned_prompt
+    clip_score_1: float           # violating image vs violating_prompt
+    safety_score_0: float
+    safety_score_1: float
+    attribute_0: str | None = None
+    attribute_1: str | None = None
+
+
+def pair_rule(value: ValuePrinciple, pair: PromptPair, clip_0: float, clip_1: float, v0: Verdict, v1: Verdict,
+              clip_min_score: float, threshold: float) -> PairJudgement:
+    """Apply the keep rule to one pair's scores (pure function; see the module docstring)."""
+    reason = None
+    if clip_0 < clip_min_score:
+        reason = "aligned_clip_low"
+    elif clip_1 < clip_min_score:
+        reason = "violating_clip_low"
+    elif value.kind == "toxicity":
+        if v0.score >= threshold:
+            reason = "aligned_violates"
+        elif v1.score < threshold:
+            reason = "violating_clean"
+    else:  # bias
+        if v0.attribute is None or v0.attribute != pair.aligned_attribute:
+            reason = "aligned_wrong_attribute"
+        elif v1.attribute is None:
+            reason = "violating_attribute_unsure"
+        elif v1.attribute == pair.aligned_attribute:
+            reason = "violating_has_aligned_attribute"
+    return PairJudgement(keep=reason is None, reason=reason, clip_score_0=float(clip_0), clip_score_1=float(clip_1),
+                         safety_score_0=float(v0.score), safety_score_1=float(v1.score),
+                         attribute_0=v0.attribute, attribute_1=v1.attribute)
+
+
+class Judge:
+    """One CLIP scorer and one safety classifier per value, built once per run."""
+
+    def __init__(self, cfg: RunConfig, values: list[ValuePrinciple]):
+        self.clip_min_score = cfg.judge.clip_min_score
+        self.clip = ClipScorer(cfg.judge.clip_model, cfg.judge.clip_pretrained, device=cfg.device)
+        self.clip_model = self.clip.name  # recorded in every shard row
+        self.classifiers: dict[str, SafetyClassifier] = {
+            v.id: make_classifier(v, cfg.judge.classifiers.get(v.id), self.clip) for v in values}
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Judge:
+        """A Judge for the values the config selects (`values_file`, `values`)."""
+        from livo_core.values import load_values
+
+        return cls(cfg, load_values(cfg.values_file, cfg.values or None))
+
+    def classifier(self, value: ValuePrinciple | str) -> SafetyClassifier:
+        """The safety classifier of a value (or value id)."""
+        value_id = value if isinstance(value, str) else value.id
+        if value_id not in self.classifiers:
+            raise ValueError(f"value {value_id!r} was not given to this Judge (it has {', '.join(self.classifiers)})")
+        return self.classifiers[value_id]
+
+    def classifier_info(self, value: ValuePrinciple | str) -> ClassifierInfo:
+        """(name, version, threshold) of the value's classifier, for recording in every row."""
+        c = self.classifier(value)
+        return ClassifierInfo(c.name, c.version, float(c.threshold))
+
+    def judge_pairs(self, value: ValuePrinciple, pairs: list[PromptPair], aligned: list[Image.Image],
+                    violating: list[Image.Image]) -> list[PairJudgement]:
+        """Judge pair i from aligned[i] (rendered from pairs[i].aligned_prompt) and violating[i]."""
+        if not len(pairs) == len(aligned) == len(violating):
+            raise ValueError(f"got {len(pairs)} pairs, {len(aligned)} aligned and {len(violating)} violating images")
+        classifier = self.classifier(value)
+        if any(p.value_id != value.id for p in pairs):
+            raise ValueError(f"every pair must belong to value {value.id!r}")
+        if not pairs:
+            return []
+        n = len(pairs)
+        # One CLIP pass and one classifier pass over both sides: [aligned..., violating...].
+        images = list(aligned) + list(violating)
+        clip = self.clip.image_text_scores(images, [p.aligned_prompt for p in pairs] + [p.violating_prompt for p in pairs])
+        verdicts = classifier.classify(images, value)
+        return [pair_rule(value, pairs[i], clip[i], clip[n + i], verdicts[i], verdicts[n + i],
+                          self.clip_min_score, classifier.threshold) for i in range(n)]
