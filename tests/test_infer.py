@@ -160,6 +160,7 @@ def training_dir(encoder, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 20-35 s on a shared 2-core machine (pipeline loads + CLI runs)
 def test_load_livo_pipeline_from_a_training_dir_or_the_encoder_folder(tiny_sd, training_dir, livo):
     for folder in (training_dir, training_dir / "value_encoder"):
         loaded = load_livo_pipeline(str(tiny_sd), folder, DATA_DIR / "values.yaml", device="cpu")
@@ -176,6 +177,7 @@ def cli_args(tiny_sd):
             "--set", "render.steps=2", "--set", "render.height=32", "--set", "render.width=32"]
 
 
+@pytest.mark.slow  # 20-35 s on a shared 2-core machine (pipeline loads + CLI runs)
 def test_cli_generate_writes_a_grid_and_reports_the_value(tiny_sd, training_dir, tmp_path, capsys):
     from PIL import Image
 
