@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -89,11 +90,12 @@ def demo_values():
     return toxic[0], bias[0]
 
 
-def dataset_config(s: DemoSettings, value, run_dir: Path) -> dict:
+def dataset_config(s: DemoSettings, value, run_dir: Path, world_dir: Path = TOYWORLD_DIR) -> dict:
     """The dataset flow's RunConfig (the toy world defaults) for one value, as the flow takes it."""
     from livo_core.config import load_config
 
     cfg = load_config(overrides={
+        "base_model": str(world_dir / "model"), "judge.clip_model": f"local-dir:{world_dir / 'clip'}",
         "values": [value.id], "prompts_per_value": s.prompts_per_value,
         "images_per_prompt": s.images_per_prompt[value.kind], "seed": s.seed, "shard_size": 64,
         "render.steps": s.render_steps, "render.guidance_scale": s.guidance_scale, "render.batch_size": 64,
@@ -162,12 +164,13 @@ def make_method(name: str, pipe, train_root: Path, values, s: DemoSettings, step
 
 
 def judge_classifiers(values) -> dict:
-    """value id -> the safety classifier the dataset judge uses for it (the toy world's detectors)."""
-    from livo_core.config import load_config
-    from livo_core.judge import Judge
+    """value id -> the safety classifier the dataset judge uses for it (built as `Judge` builds them).
 
-    judge = Judge.from_config(load_config(overrides={"device": "cpu"}))
-    return {v.id: judge.classifier(v) for v in values}
+    The toy world's values are judged by its pixel detectors (`toyworld`), which need no CLIP model.
+    """
+    from livo_core.judge import make_classifier
+
+    return {v.id: make_classifier(v, None, clip=None) for v in values}
 
 
 def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool = True) -> dict:
@@ -292,7 +295,8 @@ def report_markdown(metrics: dict, out: Path) -> str:
     data_rows = [{"value": v, "pairs kept": d["kept"], "planned": d["planned"],
                   "rejected": ", ".join(f"{k}: {n}" for k, n in d["rejected"].items()) or "-"} for v, d in metrics["datasets"].items()]
     train_rows = [{"method": n, "steps": t["steps"], "seconds": t["seconds"], "last loss": t["last"].get("loss"),
-                   "lr": t["lr"], "loss fn": t["loss"]} for n, t in metrics["training"].items()]
+                   "lr": t["lr"], "loss fn": t["loss"], "diverged (NaN)": "YES" if t["diverged"] else "no"}
+                  for n, t in metrics["training"].items()]
     curve_rows = []
     for n, curve in metrics["curves"].items():
         for p in curve:
@@ -314,6 +318,8 @@ def report_markdown(metrics: dict, out: Path) -> str:
         "",
         "## Results",
         "",
+        *[f"**Warning: {n} diverged (NaN loss); its images are not meaningful.**\n" for n, t in metrics["training"].items()
+          if t["diverged"]],
         summary_table(metrics["results"], metrics["methods"], metrics["steps_to_violation_below_10pct"]),
         "\"steps to violation < 10%\": the first evaluated checkpoint (every "
         f"{s['eval_every']} steps, {ev['curve_images_per_prompt']} images per bloody prompt) under 10%; '-' = not trained, None = never within "
@@ -367,8 +373,10 @@ def train_task(method: str, config: dict, data_dirs: list[str], out_dir: str) ->
     # Optimizer states only serve resuming; the demo evaluates the checkpoints' models, so drop the ~2x larger rest.
     for f in Path(out_dir).glob("checkpoints/*/optimizer.pt"):
         f.unlink()
+    # A NaN loss leaves NaN weights, whose black images would pass as "no violation": say so in the report.
+    diverged = not math.isfinite(res.last_metrics.get("loss", float("nan")))
     return {"steps": res.steps, "last": res.last_metrics, "seconds": round(seconds, 1), "log_csv": str(res.log_csv),
-            "lr": cfg.learning_rate, "loss": cfg.loss}
+            "lr": cfg.learning_rate, "loss": cfg.loss, "diverged": diverged}
 
 
 @task(name="demo-evaluate")
@@ -400,9 +408,10 @@ def report_task(metrics: dict, out_dir: str, logs: dict[str, str]) -> str:
 
 
 @flow(name="livo-demo")
-def demo_flow(out_dir: str, quick: bool = False) -> dict:
+def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None) -> dict:
     """The whole LiVO loop on the toy world: data -> training (LiVO + baselines) -> evaluation -> report.
 
+    world_dir: folder holding the world model (model/) and world CLIP (clip/); default data/toyworld.
     Returns the metrics (also in OUT/metrics.json). A non-empty OUT from an earlier demo is reused where it
     is complete: the dataset flow skips finished shards; training and evaluation run again.
     """
@@ -431,7 +440,7 @@ def demo_flow(out_dir: str, quick: bool = False) -> dict:
         datasets, data_dirs = {}, []
         for value in (toxic, bias):
             run_dir = out / "data" / value.id
-            datasets[value.id] = dataset_flow(dataset_config(s, value, run_dir), str(run_dir))
+            datasets[value.id] = dataset_flow(dataset_config(s, value, run_dir, Path(world_dir or TOYWORLD_DIR)), str(run_dir))
             data_dirs.append(str(run_dir))
         done("data")
         base_model = json.loads((Path(data_dirs[0]) / "config.json").read_text())["base_model"]

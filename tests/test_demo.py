@@ -1,0 +1,72 @@
+"""`livo demo --quick`: every stage of the demo on the real toy world model, through Prefect.
+
+The quick run is too small for its numbers to mean much; what is checked is that every stage ran on real
+data and wrote what it promises, and the facts that hold however little was trained (harmless prompts
+get no value, so their images are the base model's, pixel for pixel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from flows.cli import main
+from flows.demo import METHODS, QUICK, TRAINED
+
+
+def test_demo_refuses_a_file_as_out(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(["demo", "--out", str(f), "--quick"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.demo import demo_flow
+
+    out = tmp_path / "demo"
+    returned = demo_flow(out_dir=str(out), quick=True)
+
+    for name in ("report.md", "metrics.json", "grid.png", "training_curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_to_violation_below_10pct"] == returned["steps_to_violation_below_10pct"]
+    for key in ("violation_rate_base", "violation_rate_livo", "fidelity_base", "fidelity_livo", "bias_d1_base",
+                "bias_d1_livo", "unrelated_violation_rate_livo"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert set(metrics["results"]) == set(METHODS)
+
+    # data: the real dataset flow wrote shards for both values
+    assert len(metrics["datasets"]) == 2 and all(d["shards_complete"] >= 1 for d in metrics["datasets"].values())
+    # training: every trained method ran the same step budget, with checkpoints evaluated along the way
+    for method in TRAINED:
+        assert metrics["training"][method]["steps"] == QUICK.train_steps
+        curve = metrics["curves"][method]
+        assert [p["step"] for p in curve] == list(range(0, QUICK.train_steps + 1, QUICK.eval_every))
+        assert metrics["trainable_params"][method] > 0
+    assert metrics["trainable_params"]["base"] == metrics["trainable_params"]["negative-prompt"] == 0
+
+    # evaluation: values retrieved from the prompt; harmless prompts untouched by LiVO, changed by a negative prompt
+    by_group = {}
+    for r in metrics["retrievals"]:
+        by_group.setdefault(r["group"], set()).add(r["retrieved"])
+    assert by_group["harmless"] == {"not applicable"}
+    assert by_group["toxic"] == {metrics["eval"]["toxic_value"]} and by_group["bias"] == {metrics["eval"]["bias_value"]}
+    assert metrics["unrelated_pixel_identical_livo"] == 1.0
+    assert metrics["unrelated_pixel_identical_negative_prompt"] < 1.0
+
+    report = (out / "report.md").read_text()
+    assert all(m in report for m in METHODS) and "## Targets" in report
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    keys = asyncio.run(artifact_keys())
+    assert {"livo-demo-metrics", "livo-demo-targets", "livo-demo-report"} <= keys
+
