@@ -15,12 +15,10 @@ tasks get the config as a dict and the run dir as a string, which Prefect can ha
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
@@ -33,6 +31,7 @@ from tqdm.auto import tqdm
 
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
+from livo_core.lock import RunLock
 from livo_core.models import check_model_source
 from livo_core.shards import (
     atomic_write_text, build_shard, clean_partial, is_complete, load_pairs, plan_value, read_marker, save_pairs,
@@ -93,17 +92,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         tmp = run_dir / f"config.json.tmp-{os.getpid()}"
         cfg.model_copy(update={"out_dir": run_dir}).save(tmp)
         os.replace(tmp, run_dir / "config.json")
-
-
-@contextmanager
-def run_lock(run_dir: Path):
-    """One writer per run dir. flock is released by the kernel when a process dies, even by SIGKILL."""
-    with open(Path(run_dir) / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LivoError(f"another livo process is writing {run_dir}; wait for it or stop it first") from None
-        yield
 
 
 # --------------------------------------------------------------------------- models, once per process
@@ -190,7 +178,7 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
     run = Path(run_dir)
     values = check_inputs(cfg)
     prepare_run_dir(cfg, run)
-    with run_lock(run):
+    with RunLock(run, purpose="livo dataset", timeout_s=0):   # one writer per run dir
         removed = clean_partial(run)
         if removed:
             log.warning("removed %d partial file(s) left by an interrupted run", len(removed))

@@ -38,12 +38,17 @@ TOYWORLD_MODEL = ROOT / "data" / "toyworld" / "model"
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """A temporary Prefect database and API for the whole session (~6.5 s, once). Request it in flow tests."""
+def prefect_harness() -> str:
+    """A temporary Prefect database and API for the whole session (~6.5 s, once). Request it in flow tests.
+
+    Yields the API URL: pass it as PREFECT_API_URL to a `livo` subprocess so it uses this server instead of
+    starting its own (which costs 10-30 s per process).
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
