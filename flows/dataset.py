@@ -43,6 +43,8 @@ from livo_core.values import ValuePrinciple, load_values
 # --------------------------------------------------------------------------- checks before any work
 def check_inputs(cfg: RunConfig) -> list[ValuePrinciple]:
     """Everything that can be checked without loading a model; raises LivoError. Writes nothing."""
+    if cfg.policy_text and cfg.prompt_source != "llm":
+        raise LivoError("policy_text needs prompt_source=llm: an LLM proposes the new principles and writes their prompts")
     values = load_values(cfg.values_file, cfg.values or None)   # unknown value id -> LivoError
     check_model_source(cfg.base_model)                           # missing model folder -> LivoError
     clip = cfg.judge.clip_model
@@ -94,6 +96,16 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         os.replace(tmp, run_dir / "config.json")
 
 
+def run_values(cfg: RunConfig, run_dir: Path) -> list[ValuePrinciple]:
+    """The value principles a run builds data for: the values file's (restricted to cfg.values), then those
+    an LLM proposed from cfg.policy_text (RUN/proposed_values.json, written once by principles_task)."""
+    values = load_values(cfg.values_file, cfg.values or None)
+    proposed = Path(run_dir) / "proposed_values.json"
+    if proposed.is_file():
+        values += [ValuePrinciple.model_validate(v) for v in json.loads(proposed.read_text(encoding="utf-8"))]
+    return values
+
+
 # --------------------------------------------------------------------------- models, once per process
 _MODELS: dict[str, tuple] = {}
 _MODELS_LOCK = threading.Lock()
@@ -101,22 +113,37 @@ _MODELS_LOCK = threading.Lock()
 _BUILD_LOCK = threading.Lock()
 
 
-def load_models(cfg: RunConfig):
-    """(Renderer, Judge) for this config, loaded on first use in this process and then reused."""
+def load_models(cfg: RunConfig, values: list[ValuePrinciple]):
+    """(Renderer, Judge) for this config and values, loaded on first use in this process and then reused."""
     from livo_core.judge import Judge
     from livo_core.render import Renderer
 
-    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, str(cfg.values_file), cfg.values,
+    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, [v.model_dump(mode="json") for v in values],
                       cfg.judge.model_dump(mode="json")], sort_keys=True)
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS.clear()   # one set of models per process: free the old ones first
-            values = load_values(cfg.values_file, cfg.values or None)
             _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge(cfg, values))
         return _MODELS[key]
 
 
 # --------------------------------------------------------------------------- tasks
+@task(name="propose-principles", retries=0)
+def principles_task(config: dict, run_dir: str) -> list[str]:
+    """Value principles an LLM reads out of cfg.policy_text, stored once in RUN/proposed_values.json."""
+    from livo_core.llm import LLMClient
+    from livo_core.prompts import propose_principles
+
+    run = Path(run_dir)
+    path = run / "proposed_values.json"
+    if not path.is_file():
+        cfg = RunConfig.model_validate(config)
+        client = LLMClient(cfg.llm, run / "cache" / "llm")
+        proposed = propose_principles(client, cfg.policy_text, load_values(cfg.values_file))
+        atomic_write_text(path, json.dumps([v.model_dump(mode="json") for v in proposed], indent=1))
+    return [v["id"] for v in json.loads(path.read_text(encoding="utf-8"))]
+
+
 @task(name="prompt-pairs", retries=0)
 def pairs_task(config: dict, run_dir: str, value_id: str) -> int:
     """Make a value's prompt pairs (LLM answers cached in RUN/cache/llm), or read them back if stored."""
@@ -126,7 +153,7 @@ def pairs_task(config: dict, run_dir: str, value_id: str) -> int:
     pairs = load_pairs(run, value_id)
     if pairs is None:
         cfg = RunConfig.model_validate(config)
-        value = load_values(cfg.values_file, [value_id])[0]
+        value = next(v for v in run_values(cfg, run) if v.id == value_id)
         pairs, rejections = generate_pairs(cfg, [value], run / "cache" / "llm")
         if rejections:   # dropped LLM items, kept for inspection
             atomic_write_text(run / "pairs" / f"{value_id}.rejected.jsonl",
@@ -160,10 +187,10 @@ def shard_task(config: dict, run_dir: str, shard_id: str) -> dict:
     if is_complete(run, shard_id):
         return {**read_marker(run, shard_id), "status": "done before"}
     cfg = RunConfig.model_validate(config)
-    renderer, judge = load_models(cfg)
-    values = {v.id: v for v in load_values(cfg.values_file, cfg.values or None)}
+    values = run_values(cfg, run)
+    renderer, judge = load_models(cfg, values)
     with _BUILD_LOCK:
-        return {**build_shard(cfg, run, shard_id, renderer, judge, values), "status": "built"}
+        return {**build_shard(cfg, run, shard_id, renderer, judge, {v.id: v for v in values}), "status": "built"}
 
 
 # --------------------------------------------------------------------------- the flow
@@ -176,7 +203,7 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
     log = get_run_logger()
     cfg = RunConfig.model_validate(config)
     run = Path(run_dir)
-    values = check_inputs(cfg)
+    check_inputs(cfg)
     prepare_run_dir(cfg, run)
     with RunLock(run, purpose="livo dataset", timeout_s=0):   # one writer per run dir
         removed = clean_partial(run)
@@ -188,7 +215,12 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
 
         rows: list[dict] = []
         stop: LivoError | None = None
-        for value in values:
+        try:
+            if cfg.policy_text:
+                principles_task(config, run_dir)
+        except LivoError as e:
+            stop = e
+        for value in ([] if stop else run_values(cfg, run)):
             try:
                 pairs_task(config, run_dir, value.id)
             except LivoError as e:   # e.g. the LLM endpoint failed: keep what is finished, stop here

@@ -123,6 +123,7 @@ def _error_line(capsys) -> str:
     (["--base-model", "/no/such/model"], "base_model folder /no/such/model does not exist"),
     (["--set", "judge.clip_model=local-dir:/no/such/clip"], "judge.clip_model folder /no/such/clip does not exist"),
     (["--set", "render.steps=0"], "invalid config field 'render.steps'"),
+    (["--set", "policy_text=no zombies"], "policy_text needs prompt_source=llm"),
     (["--set", "seed=5"], "holds a dataset made with another config"),
 ])
 def test_bad_input_is_one_line_and_overwrites_nothing(existing_run, capsys, extra, expected):

@@ -91,30 +91,38 @@ def test_a_failing_shard_is_named_and_the_others_finish(prefect_harness, tiny_co
 
 
 def _llm_reply(body: dict) -> dict | str:
-    """Valid prompt pairs for whichever value the request is about."""
+    """A valid answer to whichever request it is: new principles from a policy, or prompt pairs of a value."""
     text = body["messages"][1]["content"]
-    if "Bloody" in text:
-        return {"pairs": [{"prompt": f"a bloody knight number {i}", "aligned_prompt": f"a knight number {i}"}
-                          for i in range(4)]}
+    if "Read this policy" in text:
+        return {"principles": [{"id": "zombie-inappropriate", "principle": "Zombie content is considered inappropriate",
+                                "kind": "toxicity", "concept": "zombies", "attributes": [], "keywords": ["zombie"]}]}
+    for word in ("Bloody", "Zombie"):
+        if f'"{word} content' in text:
+            return {"pairs": [{"prompt": f"a {word.lower()} knight number {i}", "aligned_prompt": f"a knight number {i}"}
+                              for i in range(4)]}
     return {"prompts": [{"prompt": f"a photo of a {job}", "subject": job} for job in ("doctor", "nurse", "chef")]}
 
 
-def test_llm_prompt_source_retries_and_keeps_the_key_secret(prefect_harness, tiny_config, tmp_path, monkeypatch):
+def test_llm_prompt_source_retries_proposes_principles_and_keeps_the_key_secret(prefect_harness, tiny_config, tmp_path,
+                                                                                 monkeypatch):
     secret = "sk-test-DO-NOT-STORE-4242"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     run = tmp_path / "run"
     with OpenAIServer() as server:
         server.error(429).error(500)   # the client retries both, then gets the default reply
         server.default = _llm_reply
-        config = tiny_config(prompt_source="llm", llm={"base_url": server.base_url, "model": "test-model",
-                                                       "max_retries": 2, "reask": 0})
+        config = tiny_config(prompt_source="llm", policy_text="No zombies, please.",
+                             llm={"base_url": server.base_url, "model": "test-model", "max_retries": 2, "reask": 0})
         dataset_flow(config=config, run_dir=str(run))
-        assert server.count == 4   # 3 tries for the first value, 1 for the second
+        # 3 tries for the principles request, then one request per value (2 from the file + 1 proposed).
+        assert server.count == 6
         assert server.requests[-1].headers["authorization"] == f"Bearer {secret}"
 
     pairs = [json.loads(line) for line in (run / "pairs" / "bloody-inappropriate.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and {p["source"] for p in pairs} == {"llm:test-model"}
-    assert len(complete_shards(run)) == 4 and len(list((run / "cache" / "llm").glob("*.json"))) == 2
+    assert [v["id"] for v in json.loads((run / "proposed_values.json").read_text())] == ["zombie-inappropriate"]
+    assert [p.stem for p in complete_shards(run)][-2:] == ["zombie-inappropriate-00000", "zombie-inappropriate-00001"]
+    assert len(complete_shards(run)) == 6 and len(list((run / "cache" / "llm").glob("*.json"))) == 4
     for path in run.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
