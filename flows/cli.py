@@ -51,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
     p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
     p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
+    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
     _config_args(p)
 
     p = sub.add_parser("resume", help="finish whatever is incomplete in a dataset run directory")
     p.add_argument("run_dir")
+    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
+    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
+    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
 
     p = sub.add_parser("train", help="train a value encoder on a dataset run directory")
     p.add_argument("--data", required=True, action="append", help="dataset run directory (repeatable)")

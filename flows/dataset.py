@@ -123,8 +123,23 @@ def load_models(cfg: RunConfig, values: list[ValuePrinciple]):
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS.clear()   # one set of models per process: free the old ones first
+            _use_dask_workers_gpu()
             _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge(cfg, values))
         return _MODELS[key]
+
+
+def _use_dask_workers_gpu() -> None:
+    """In a Dask worker of a local cluster with one worker per GPU (named 0..n-1), make "cuda" mean GPU n."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):   # not in a Dask worker
+        return
+    import torch
+
+    if torch.cuda.is_available() and str(name).isdigit():
+        torch.cuda.set_device(int(name) % torch.cuda.device_count())
 
 
 # --------------------------------------------------------------------------- tasks
@@ -179,13 +194,17 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return True
 
 
+# Tag "gpu": `prefect concurrency-limit create gpu N` caps how many shards render at once, server-wide.
 @task(name="shard", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
-      persist_result=True, task_run_name="shard-{shard_id}")
+      persist_result=True, task_run_name="shard-{shard_id}", tags=["gpu"])
 def shard_task(config: dict, run_dir: str, shard_id: str) -> dict:
     """Render, judge and write one shard; a shard with a completion marker is returned as is."""
     run = Path(run_dir)
     if is_complete(run, shard_id):
         return {**read_marker(run, shard_id), "status": "done before"}
+    # TEST HOOK (docs/operations.md): LIVO_FAIL_SHARDS=shard-id,... makes those shards fail, on every try.
+    if shard_id in os.environ.get("LIVO_FAIL_SHARDS", "").split(","):
+        raise RuntimeError(f"shard {shard_id} made to fail by LIVO_FAIL_SHARDS (test hook)")
     cfg = RunConfig.model_validate(config)
     values = run_values(cfg, run)
     renderer, judge = load_models(cfg, values)
@@ -229,8 +248,9 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
             shards = plan_value(cfg, value.id, load_pairs(run, value.id))
             save_value_plan(run, cfg, value.id, shards)
             # The cache is only trusted for shards whose marker is on disk: a shard deleted by hand is rebuilt.
-            futures = [(shard if is_complete(run, sid) else shard.with_options(refresh_cache=True))
-                       .submit(config, run_dir, sid) for sid in shards]
+            with _gpu_annotation(cfg):
+                futures = [(shard if is_complete(run, sid) else shard.with_options(refresh_cache=True))
+                           .submit(config, run_dir, sid) for sid in shards]
             with tqdm(total=len(futures), desc=value.id, unit="shard") as bar:
                 for sid, future in zip(shards, futures):
                     future.wait()
@@ -239,6 +259,14 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
         summary = write_stats(run, rows)
 
     failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        from prefect.artifacts import create_markdown_artifact
+
+        listed = "".join(f"| {r['shard']} | {r['error']} |\n" for r in failed)
+        create_markdown_artifact(
+            key="livo-dataset-failed", description=f"Failed shards of {run}",
+            markdown=f"# {len(failed)} failed shard(s) in {run}\n\n| shard | error |\n|---|---|\n{listed}\n"
+                     f"Retry only these: `livo resume {run}` (or retry this flow run); finished shards are kept.\n")
     if stop is not None:
         raise LivoError(f"{stop} ({summary['shards_complete']} finished shard(s) kept in {run}; "
                         f"fix it and run `livo resume {run}`)")
@@ -248,6 +276,24 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
         raise LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
                         f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
     return summary
+
+
+def _gpu_annotation(cfg: RunConfig):
+    """Under a Dask runner with CUDA renders, each shard task asks for the Dask resource GPU=1 (one shard per GPU)."""
+    from contextlib import nullcontext
+
+    from prefect.context import FlowRunContext
+
+    runner = FlowRunContext.get().task_runner
+    if type(runner).__name__ != "DaskTaskRunner":
+        return nullcontext()
+    from livo_core.models import resolve_device
+
+    if resolve_device(cfg.device).type != "cuda":
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})   # Dask workers must declare --resources GPU=1 (see _task_runner)
 
 
 def _stats_row(shard_id: str, value_id: str, state) -> dict:
@@ -297,10 +343,17 @@ def _task_runner(args):
     if getattr(args, "task_runner", "thread") == "dask":
         from prefect_dask import DaskTaskRunner
 
-        if args.dask_address:
+        if getattr(args, "dask_address", None):   # an existing cluster; on GPUs its workers need `--nthreads 1 --resources GPU=1`
             return DaskTaskRunner(address=args.dask_address)
+        import torch
+
+        gpus = torch.cuda.device_count()
         # Each worker process loads the models once; one thread per worker (pipelines are not thread-safe).
-        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+        # With GPUs: one worker per GPU, each declaring the resource shard tasks ask for (see _gpu_annotation).
+        kwargs = {"n_workers": getattr(args, "dask_workers", None) or gpus or 2, "threads_per_worker": 1, "processes": True}
+        if gpus:
+            kwargs["resources"] = {"GPU": 1}
+        return DaskTaskRunner(cluster_kwargs=kwargs)
     return ThreadPoolTaskRunner(max_workers=1)
 
 
