@@ -5,8 +5,8 @@ classifier (`classifier`), and the from-scratch build of its Stable Diffusion an
 """
 
 from livo_core.toyworld.classifier import ToyWorldClassifier
-from livo_core.toyworld.detect import Detection, detect
+from livo_core.toyworld.detect import Detection  # the detect() function: livo_core.toyworld.detect.detect
 from livo_core.toyworld.world import Scene, World, caption_of, load_world, parse_caption, render, render_array
 
-__all__ = ["Detection", "Scene", "ToyWorldClassifier", "World", "caption_of", "detect", "load_world",
-           "parse_caption", "render", "render_array"]
+__all__ = ["Detection", "Scene", "ToyWorldClassifier", "World", "caption_of", "load_world", "parse_caption",
+           "render", "render_array"]

@@ -19,15 +19,17 @@ RED_MIN = 150           # a splatter pixel: R >= 150 and R - max(G, B) >= 100; n
 RED_MARGIN = 100
 SPLATTER_FULL = 0.01    # red share of the image at which the splatter score reaches 1
 COLOUR_TOL = 90.0       # max RGB (Euclidean) distance from a world colour for a pixel to count as that colour
-MIN_SUBJECT_PX = 20     # fewer subject-coloured pixels than this: no subject found
+HEAD_WARMTH = 45        # a head pixel also needs R - B >= 45: greys between a white shape and a dark background
+                        # are as close to tan as to white, but they are not warm
+MIN_SUBJECT_PX = 12     # fewer subject-coloured pixels than this: no subject found (the smallest has ~110)
 MIN_HEAD_PX = 12        # a doctor's head has ~50 px
-MIN_COAT_PX = 30        # a doctor's coat has ~250 px
+MIN_COAT_PX = 30        # a doctor's coat has ~250 px, below the head
 
 
 @dataclass
 class Detection:
     subject: str | None        # circle/square/triangle/doctor, None when nothing is found
-    subject_confidence: float  # shapes: IoU of the subject with the best template; doctor: 1
+    subject_confidence: float  # shapes: IoU of the subject with the best template; doctor: 1 (head over coat)
     colour: str | None         # shapes: palette colour (None for a doctor)
     colour_confidence: float   # share of the subject-coloured pixels that have this colour
     coat: str | None           # doctor: coat colour (None when not a doctor or unsure)
@@ -62,12 +64,20 @@ def _colour_table(world: World) -> tuple[list[str], np.ndarray]:
     return names, np.array(rgb, np.float32)
 
 
-def label_pixels(a: np.ndarray, world: World) -> np.ndarray:
-    """(H, W) index into the colour table of the nearest world colour; -1 when none is within COLOUR_TOL."""
+def label_pixels(a: np.ndarray, world: World, head: bool = True) -> np.ndarray:
+    """(H, W) index into the colour table of the nearest world colour; -1 when none is within COLOUR_TOL.
+
+    head=False leaves the head colour out (for scenes already known not to show a doctor: a soft yellow
+    or white shape may have pixels nearer tan than their own colour).
+    """
     names, rgb = _colour_table(world)
     dist = np.linalg.norm(a[:, :, None, :] - rgb[None, None], axis=-1)  # (H, W, K)
+    h = names.index("head")
+    if not head:
+        dist[..., h] = np.inf
     labels = dist.argmin(-1)
     labels[dist.min(-1) > COLOUR_TOL] = -1
+    labels[(labels == h) & (a[..., 0] - a[..., 2] < HEAD_WARMTH)] = -1
     return labels
 
 
@@ -118,32 +128,46 @@ def _shape_of(subject: np.ndarray, size: int) -> tuple[str, float]:
     return best, float(ious[best])
 
 
+def _find_doctor(labels: np.ndarray, names: list[str], world: World) -> np.ndarray | None:
+    """Mask of the coat if the image shows a doctor (a head blob with coat-coloured pixels below it), else None."""
+    head = labels == names.index("head")
+    if head.sum() < MIN_HEAD_PX:
+        return None
+    head = _main_component(head)
+    if head.sum() < MIN_HEAD_PX:
+        return None
+    below = np.arange(world.size)[:, None] > np.nonzero(head)[0].max()
+    coat = np.isin(labels, [names.index(c) for c in world.coats]) & below
+    return coat if coat.sum() >= MIN_COAT_PX else None
+
+
 def detect(image, world: World | None = None) -> Detection:
     """Everything the detectors see in one image (PIL image or HxWx3 array)."""
     world = world or load_world()
     a = as_array(image, world.size)
     red = red_mask(a)
     red_fraction = float(red.mean())
+    # Pixels next to splatter are blends (white + red looks tan, yellow + red orange): leave them unlabelled.
+    near_red = _dilate(red)
     names, _ = _colour_table(world)
     labels = label_pixels(a, world)
-    labels[red] = -1
+    labels[near_red] = -1
 
-    head = labels == names.index("head")
-    if head.sum() >= MIN_HEAD_PX:
-        # A doctor: the coat is the coat-coloured pixels below the head's centre.
-        below = np.arange(world.size)[:, None] > np.nonzero(head)[0].mean()
-        counts = {c: int(((labels == names.index(c)) & below).sum()) for c in world.coats}
-        total = sum(counts.values())
+    coat_mask = _find_doctor(labels, names, world)
+    if coat_mask is not None:
+        counts = {c: int((coat_mask & (labels == names.index(c))).sum()) for c in world.coats}
         coat = max(counts, key=counts.get)
-        if total < MIN_COAT_PX:
-            return Detection("doctor", 1.0, None, 0.0, None, 0.0, red_fraction)
-        return Detection("doctor", 1.0, None, 0.0, coat, counts[coat] / total, red_fraction)
+        return Detection("doctor", 1.0, None, 0.0, coat, counts[coat] / sum(counts.values()), red_fraction)
 
+    labels = label_pixels(a, world, head=False)
+    background = np.isin(labels, [i for i, n in enumerate(names) if n.startswith("bg:")])
+    labels[near_red] = -1
     counts = {c: int((labels == names.index(c)).sum()) for c in world.palette}
     colour = max(counts, key=counts.get)
     if counts[colour] < MIN_SUBJECT_PX:
         return Detection(None, 0.0, None, 0.0, None, 0.0, red_fraction)
-    # Splatter lies on the subject, inside its outline: the outline is subject colour + red.
-    subject = _main_component((labels == names.index(colour)) | red)
+    # Splatter lies on the subject, inside its outline: the outline is subject colour + red + the blends
+    # between them (but never background).
+    subject = _main_component((labels == names.index(colour)) | red | (near_red & ~background))
     shape, iou = _shape_of(subject, world.size)
     return Detection(shape, iou, colour, counts[colour] / sum(counts.values()), None, 0.0, red_fraction)

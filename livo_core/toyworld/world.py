@@ -177,7 +177,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
     if shape == "triangle":
         top, bottom = cy - r, cy + r
         t = (yy - top) / (bottom - top)  # 0 at the apex, 1 at the base
-        return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= r * t)
+        return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= 1.15 * r * t)  # base 2.3 r: area near the others
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -223,20 +223,20 @@ def render_scene(scene: Scene, rng: np.random.Generator, world: World | None = N
     if scene.subject == "doctor":
         body = _doctor(img, scene, rng, world)  # blood goes on the coat; the head stays visible
     else:
-        r = rng.uniform(6.0, 11.0)
+        r = rng.uniform(7.0, 11.0)
         cx, cy = rng.uniform(r + 1, s - r - 1, size=2)
         body = shape_mask(scene.subject, cx, cy, r, s)
         img[body] = world.palette[scene.colour]
     if scene.bloody:
         # Splatter lies on the subject: discs centred on its pixels and clipped to its outline, so the
-        # outline (subject colour + red) still shows the shape; it stops at 40% so the colour shows too.
+        # outline (subject colour + red) still shows the shape; it stops at 30% so the colour shows too.
         ys, xs = np.nonzero(body)
         yy, xx = _grid(s)
         lo, hi = world.splatter_discs
         for _ in range(int(rng.integers(lo, hi + 1))):
             i = int(rng.integers(len(ys)))
             rad = rng.uniform(*world.splatter_radius)
-            if (img[body] == world.splatter).all(-1).mean() >= 0.4:
+            if (img[body] == world.splatter).all(-1).mean() >= 0.3:
                 break
             img[body & ((xx - xs[i] - 0.5) ** 2 + (yy - ys[i] - 0.5) ** 2 <= rad * rad)] = world.splatter
     return img
