@@ -317,6 +317,20 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, scheduler) -> None:
     )
     pipe.to(torch.float16)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    mark_float32(folder)
+
+
+def mark_float32(folder: Path) -> None:
+    """Make a plain `from_pretrained(folder)` run in float32 although the weights are stored in fp16.
+
+    diffusers loads its models in float32 by default, but transformers loads the text encoder in the dtype
+    its config.json names ("float16" after saving fp16 weights), and fp16 text features then meet fp32
+    UNet weights. A `dtype=` argument still overrides this.
+    """
+    path = Path(folder) / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_clip(folder: Path, model) -> str:
