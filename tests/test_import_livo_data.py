@@ -203,3 +203,39 @@ def test_no_pairs_and_busy_output(official, tmp_path):
     with pytest.raises(LivoError, match="not empty: choose a new --out folder"):
         import_livo_data(official, busy)
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------- the command, then training
+def test_cli_import_errors_are_one_line(official, tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["import-livo-data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("livo: error: official LiVO data folder") and "\n" not in err
+
+    (official / "toxicity" / "warrior" / "pos_0.png").unlink()
+    assert main(["import-livo-data", str(official), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "warrior/metadata.jsonl line" in err and "pos_0.png not found" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_cli_import_then_train_two_steps(official, tiny_sd, prefect_harness, tmp_path, capsys):
+    from flows.cli import main
+
+    run, out = tmp_path / "run", tmp_path / "train"
+    assert main(["import-livo-data", str(official), "--out", str(run), "--base-model", str(tiny_sd),
+                 "--pairs-per-shard", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "imported 8 pairs from 5 scenes" in printed
+    assert "'smoking considered inappropriate' matches no principle" in printed
+    assert f"livo train --data {run}" in printed and "--set base_model" not in printed
+
+    # The official images are 16x16: the tiny SD's VAE makes 2x2 latents. 2 steps, batch 2.
+    assert main(["train", "--data", str(run), "--out", str(out), "--set", "max_steps=2", "--set", "batch_size=2",
+                 "--set", "device=cpu", "--set", "learning_rate=1e-4", "--set", "checkpoint_every=2"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert len(log) == 1 + 2                                   # header + one row per step
+    assert (out / "value_encoder" / "config.json").is_file()
+    assert json.loads((out / "train_config.json").read_text())["base_model"] == str(tiny_sd)   # from RUN/config.json
