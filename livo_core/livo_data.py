@@ -175,6 +175,12 @@ def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = 
     pairs: list[OfficialPair] = []
     pending: list[tuple[str, list[OfficialImage], list[OfficialImage]]] = []
     type_kinds: dict[str, set[str]] = {}   # type folder -> kinds of its known values (for unknown values)
+    matched: dict[str, ValuePrinciple | None] = {}
+
+    def lookup(text: str) -> ValuePrinciple | None:   # a dataset repeats a handful of value texts 86k times
+        if text not in matched:
+            matched[text] = match_value(text, values)
+        return matched[text]
 
     for scene, folder in scene_dirs(src):
         rows = read_scene(folder)
@@ -184,7 +190,7 @@ def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = 
         stats["aligned_images"] += len(aligned)
         stats["violating_images"] += len(violating)
         for r in rows:
-            v = match_value(r.value, values)
+            v = lookup(r.value)
             if v is not None:
                 stats["value_map"][r.value] = v.id
                 type_kinds.setdefault(scene.split("/")[0], set()).add(v.kind)
@@ -200,7 +206,7 @@ def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = 
     for scene, aligned, violating in pending:
         type_name = scene.split("/")[0]
         for i, a in enumerate(aligned):
-            v = match_value(a.value, values)
+            v = lookup(a.value)
             if v is not None:
                 value_id, category, text = v.id, v.kind, (a.value if keep_value_text else v.principle)
             else:
