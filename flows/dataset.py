@@ -194,10 +194,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return True
 
 
-# Tag "gpu": `prefect concurrency-limit create gpu N` caps how many shards render at once, server-wide.
-@task(name="shard", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
-      persist_result=True, task_run_name="shard-{shard_id}", tags=["gpu"])
-def shard_task(config: dict, run_dir: str, shard_id: str) -> dict:
+def build_one_shard(config: dict, run_dir: str, shard_id: str) -> dict:
     """Render, judge and write one shard; a shard with a completion marker is returned as is."""
     run = Path(run_dir)
     if is_complete(run, shard_id):
@@ -210,6 +207,13 @@ def shard_task(config: dict, run_dir: str, shard_id: str) -> dict:
     renderer, judge = load_models(cfg, values)
     with _BUILD_LOCK:
         return {**build_shard(cfg, run, shard_id, renderer, judge, {v.id: v for v in values}), "status": "built"}
+
+
+# The task wraps a module-level function (not `@task def`), so Dask workers import it by name instead of
+# pickling it with its globals (locks, loaded models). Tag "gpu": `prefect concurrency-limit create gpu N`
+# caps how many shards render at once, server-wide.
+shard_task = task(name="shard", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
+                  persist_result=True, task_run_name="shard-{shard_id}", tags=["gpu"])(build_one_shard)
 
 
 # --------------------------------------------------------------------------- the flow

@@ -170,3 +170,113 @@ def test_registry_versions_current_pointer_and_pruning(tmp_path):
         reg.current()
     with pytest.raises(LivoError, match="not a value encoder folder"):
         reg.add_version(tmp_path, {}, {})
+
+
+# --------------------------------------------------------------------------- dataset runs: failures, Dask, two at once
+def _rows_by_pair(run) -> dict[str, tuple]:
+    """pair_id -> (shard, aligned image bytes, violating image bytes) of every kept and rejected row."""
+    import pyarrow.parquet as pq
+
+    from livo_core.shards import complete_shards, shard_paths
+
+    rows = {}
+    for parquet in complete_shards(run):
+        for path in (parquet, shard_paths(run, parquet.stem)[2]):
+            for r in pq.read_table(path, columns=["pair_id", "shard_id", "jpg_0", "jpg_1"]).to_pylist():
+                assert r["pair_id"] not in rows
+                rows[r["pair_id"]] = (r["shard_id"], r["jpg_0"], r["jpg_1"])
+    return rows
+
+
+def latest_artifact(key: str, api_url: str | None = None) -> str:
+    """The newest artifact with `key` on the Prefect API (the current one unless `api_url` is given).
+
+    Plain REST: prefect 3.8.8's client sends null offset/filters, which its own server answers with 422.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = (api_url or PREFECT_API_URL.value()).rstrip("/") + "/artifacts/filter"
+    found = httpx.post(url, json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1,
+                                  "offset": 0}, timeout=60).raise_for_status().json()
+    assert found, f"no artifact {key}"
+    return str(found[0]["data"])
+
+
+def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness, tiny_config, tmp_path, monkeypatch):
+    from flows.cli import main
+    from flows.dataset import dataset_flow
+
+    config = tiny_config()
+    run = tmp_path / "run"
+    monkeypatch.setenv("LIVO_FAIL_SHARDS", "gender-equality-00000")
+    with pytest.raises(LivoError) as err:
+        dataset_flow(config=config, run_dir=str(run))
+    message = str(err.value)
+    assert message.startswith("1 shard(s) failed (gender-equality-00000: RuntimeError: shard gender-equality-00000 "
+                              "made to fail by LIVO_FAIL_SHARDS") and f"livo resume {run}" in message
+    stats = json.loads((run / "stats.json").read_text())
+    assert [r["shard"] for r in stats["shards"] if r["status"] == "failed"] == ["gender-equality-00000"]
+    report = latest_artifact("livo-dataset-failed")
+    assert "gender-equality-00000" in report and "LIVO_FAIL_SHARDS" in report
+    assert "bloody-inappropriate-00000" not in report
+    done = {p: p.stat().st_mtime_ns for p in run.glob("*/*.parquet")}
+    assert len(done) == 6   # 3 complete shards x (kept + rejected)
+
+    # Retry (the fault is gone): only the failed shard is rendered; the others are not touched.
+    monkeypatch.delenv("LIVO_FAIL_SHARDS")
+    assert main(["resume", str(run)]) == 0
+    statuses = {r["shard"]: r["status"] for r in json.loads((run / "stats.json").read_text())["shards"]}
+    assert statuses == {"bloody-inappropriate-00000": "cached", "bloody-inappropriate-00001": "cached",
+                        "gender-equality-00000": "built", "gender-equality-00001": "cached"}
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+
+    # The recovered dataset equals one that never failed: same pairs, same image bytes.
+    clean = tmp_path / "clean"
+    dataset_flow(config=config, run_dir=str(clean))
+    assert _rows_by_pair(run) == _rows_by_pair(clean) and len(_rows_by_pair(run)) == 8
+
+
+@pytest.mark.slow
+def test_dask_task_runner_gives_the_same_pairs_and_images(prefect_harness, tiny_config, tmp_path, monkeypatch):
+    from flows.cli import main
+
+    # The Dask worker processes report their task runs to the same Prefect API as this process.
+    monkeypatch.setenv("PREFECT_API_URL", prefect_harness)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(tiny_config()))
+    assert main(["dataset", "--out", str(tmp_path / "thread"), "--config", str(config_file)]) == 0
+    assert main(["dataset", "--out", str(tmp_path / "dask"), "--config", str(config_file),
+                 "--task-runner", "dask", "--dask-workers", "2"]) == 0
+    thread, dask = _rows_by_pair(tmp_path / "thread"), _rows_by_pair(tmp_path / "dask")
+    assert len(thread) == 8 and thread == dask
+    statuses = [r["status"] for r in json.loads((tmp_path / "dask" / "stats.json").read_text())["shards"]]
+    assert statuses == ["built"] * 4
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_run_dir_the_second_is_refused_naming_the_first(prefect_harness, tiny_config, tmp_path):
+    from flows.dataset import dataset_flow
+
+    config = tiny_config()
+    run = tmp_path / "run"
+    # A real first run: `livo dataset` in its own process, on the session's Prefect API.
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
+    first = subprocess.Popen([PY, "-m", "flows.cli", "dataset", "--out", str(run), "--config", str(config_file)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while read_holder(run).get("pid") != first.pid:   # wait until the first run holds its lock
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        with pytest.raises(LivoError) as err:
+            dataset_flow(config=config, run_dir=str(run))
+        message = str(err.value)
+        assert message.startswith(f"{run} is locked by pid {first.pid} on {socket.gethostname()} (livo dataset, since ")
+        assert "wait for that run to finish or stop it" in message
+    finally:
+        out, errs = first.communicate(timeout=600)
+    assert first.returncode == 0, errs[-2000:]
+    assert json.loads((run / "stats.json").read_text())["summary"]["shards_complete"] == 4
