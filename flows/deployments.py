@@ -2,7 +2,7 @@
 
     livo deploy [--work-pool livo] [--nightly-cron "0 3 * * *"] [--timezone UTC] [--root runs/nightly]
     livo deploy --serve           # no work pool: this process serves the deployments and runs them
-    livo deploy --prefect-yaml prefect.yaml    # the same deployments, declared in prefect.yaml
+    livo deploy --prefect-yaml prefect.yaml    # what prefect.yaml declares (like `prefect deploy --all`)
 
 Deployments (flow name / deployment name):
   livo-dataset/dataset        build or finish a dataset run (parameters: config, run_dir)
@@ -18,8 +18,6 @@ Deployments load their flows by module path (flows.nightly.nightly_flow), so a w
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
@@ -59,12 +57,15 @@ def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC"
         evaluate_flow.to_deployment(name="evaluation", description="Held-out metrics of a registry version (default: production).",
                                     parameters={"root": root}, **common),
         nightly_flow.to_deployment(name="nightly", description="New data -> train -> evaluate -> promote if not worse.",
-                                   schedule=CronSchedule(cron=cron, timezone=timezone),
+                                   schedule=CronSchedule(cron=cron, timezone=timezone), concurrency_limit=1,
                                    parameters={"root": root, "config_file": config_file}, **common),
     ]
     train = _training_flow()
     if train is not None:
-        deployments.insert(1, train.to_deployment(name="training", description="Train a value encoder on dataset runs.", **common))
+        deployments.insert(1, train.to_deployment(
+            name="training", description="Train a value encoder on dataset runs.",
+            parameters={"data_dirs": [str(Path("runs/dataset").resolve())], "out_dir": str(Path("runs/train").resolve()),
+                        "train_config": {}}, **common))
     return deployments
 
 
@@ -111,27 +112,69 @@ def deploy(root: str, work_pool: str = DEFAULT_POOL, cron: str = DEFAULT_CRON, t
     return {f"{d.flow_name}/{d.name}": str(d.apply(work_pool_name=work_pool)) for d in deployments}
 
 
+def deploy_from_yaml(path: Path) -> dict[str, str]:
+    """Create the deployments a prefect.yaml declares (name, entrypoint, parameters, schedules, work pool,
+    tags, concurrency limit) on the Prefect API; returns {"flow/deployment": id}.
+
+    Equivalent to `prefect deploy --all` for livo's flows, which in prefect 3.8.8 against its own server
+    stops after the first deployment (a 422 on the workers query it makes to print its hints).
+    Relative paths in parameters stay relative: flow runs work in the yaml's folder.
+    """
+    import importlib
+
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.types.entrypoint import EntrypointType
+
+    url = _check_api()
+    project = path.resolve().parent
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    ids = {}
+    for d in spec.get("deployments") or []:
+        file, _, name = d["entrypoint"].partition(":")
+        module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+        pool = d.get("work_pool") or {}
+        variables = dict(pool.get("job_variables") or {})
+        if pool.get("name"):
+            try:
+                pool_type = ensure_work_pool(pool["name"])
+            except Exception as e:  # connection refused, wrong URL, auth
+                raise LivoError(f"cannot reach the Prefect API at {url} ({type(e).__name__}): is `prefect server start` running there?") from None
+            if pool_type == "process":
+                variables.setdefault("working_dir", str(project))
+        schedules = [CronSchedule(cron=x["cron"], timezone=x.get("timezone") or "UTC") for x in d.get("schedules") or []]
+        paused = any(x.get("active") is False for x in d.get("schedules") or [])
+        deployment = getattr(module, name).to_deployment(
+            name=d["name"], description=d.get("description"), tags=d.get("tags"), parameters=d.get("parameters") or {},
+            schedules=schedules or None, paused=paused or None, concurrency_limit=d.get("concurrency_limit"),
+            work_pool_name=pool.get("name"), work_queue_name=pool.get("work_queue_name"), job_variables=variables,
+            entrypoint_type=EntrypointType.MODULE_PATH)
+        ids[f"{deployment.flow_name}/{deployment.name}"] = str(deployment.apply(work_pool_name=pool.get("name")))
+    if not ids:
+        raise LivoError(f"{path} declares no deployments under `deployments:`")
+    return ids
+
+
 def cli_deploy(args) -> int:
     if getattr(args, "prefect_yaml", None):
         path = Path(args.prefect_yaml)
         if not path.is_file():
             raise LivoError(f"--prefect-yaml {path} not found: pass the prefect.yaml at the project root")
-        _check_api()
-        cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path.resolve())]
-        return subprocess.call(cmd, cwd=path.resolve().parent)
-    root = args.root
-    if args.serve:
+        ids = deploy_from_yaml(path)
+    elif args.serve:
         from prefect import serve
 
         _check_api()
-        deployments = build_deployments(root, args.nightly_cron, args.timezone, config_file=args.nightly_config)
+        deployments = build_deployments(args.root, args.nightly_cron, args.timezone, config_file=args.nightly_config)
         print(f"livo: serving {', '.join(f'{d.flow_name}/{d.name}' for d in deployments)} "
               "(Ctrl-C stops; this process runs them)")
         serve(*deployments)
         return 0
-    ids = deploy(root, args.work_pool, args.nightly_cron, args.timezone, args.nightly_config)
+    else:
+        ids = deploy(args.root, args.work_pool, args.nightly_cron, args.timezone, args.nightly_config)
     for name, i in ids.items():
         print(f"livo: deployment {name} ({i})")
-    print(f"livo: nightly runs at cron {args.nightly_cron!r} ({args.timezone}); start a worker to run them: "
-          f"prefect worker start --pool {args.work_pool}")
+    if not getattr(args, "prefect_yaml", None):
+        print(f"livo: nightly runs at cron {args.nightly_cron!r} ({args.timezone}); start a worker to run them: "
+              f"prefect worker start --pool {args.work_pool}")
     return 0

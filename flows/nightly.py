@@ -353,7 +353,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
         # 3. tonight's data (only new shards: new seeds), 4. the held-out set (built once)
         data_dir = root_dir / "data" / night
         night_cfg = night_dataset_config(cfg, state, Path(values_file), data_dir)
-        state.update(data=str(data_dir), policy_hash=policy_hash, new_principles=new_ids,
+        state.update(data=str(data_dir.relative_to(root_dir)), policy_hash=policy_hash, new_principles=new_ids,
                      values_hash=_sha(Path(values_file).read_bytes()), dataset_config_hash=night_cfg.config_hash())
         _write_json(state_path, state)
         data_summary = dataset_flow(config=night_cfg.model_dump(mode="json"), run_dir=str(data_dir))
@@ -364,7 +364,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
             dataset_flow(config=heldout_dataset_config(cfg, heldout_dir).model_dump(mode="json"), run_dir=str(heldout_dir))
 
         # 5. train on every finished night's data and tonight's
-        data_dirs = [Path(n["data"]) for n in previous] + [data_dir]
+        data_dirs = [root_dir / n["data"] for n in previous] + [data_dir]   # stored relative: a root can be moved
         production = registry.current()
         init = str(registry.encoder_dir(production)) if cfg.warm_start and production else None
         train_cfg = cfg.train.model_copy(update={"cache_dir": cfg.train.cache_dir or root_dir / "cache"})

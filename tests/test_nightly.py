@@ -70,3 +70,87 @@ def test_changed_policy_adds_principles_through_the_llm_and_an_unchanged_one_doe
         _, h3, new3 = update_principles(tmp_path, cfg, previous_hash=h1)
         assert h3 != h1 and new3 == [] and server.count == 2
     assert "sk-test-not-stored" not in (tmp_path / "values.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- nights on the toy world
+def small_nightly(**extra) -> dict:
+    """Overrides for a tiny night on the toy world: one value, 8 candidate pairs, a few training steps."""
+    overrides = {
+        "dataset": {"values": ["bloody-inappropriate"], "prompts_per_value": 4, "images_per_prompt": 2,
+                    "shard_size": 4, "device": "cpu", "render": {"steps": 10, "batch_size": 16}},
+        "train": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 4, "checkpoint_every": 100, "device": "cpu",
+                  "log_every": 4},
+        "heldout": {"prompts_per_value": 4, "repeats": 2},
+        "promotion": {"metrics": [{"metric": "heldout_loss", "direction": "min", "tolerance": 0.0}]},
+    }
+    overrides.update(extra)
+    return overrides
+
+
+def _pair_ids(run) -> set[str]:
+    import pyarrow.parquet as pq
+
+    from livo_core.shards import complete_shards, shard_paths
+
+    ids = set()
+    for parquet in complete_shards(run):
+        for path in (parquet, shard_paths(run, parquet.stem)[2]):
+            ids |= set(pq.read_table(path, columns=["pair_id"]).column("pair_id").to_pylist())
+    return ids
+
+
+@pytest.mark.slow
+def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefect_harness, toyworld_model, tmp_path):
+    from test_ops import latest_artifact
+
+    from flows.nightly import nightly_flow
+    from livo_core.registry import ModelRegistry
+
+    root = tmp_path / "nightly"
+    first = nightly_flow(root=str(root), overrides=small_nightly())
+    assert first["night"] == "night-0001" and first["promoted"] and first["reason"] == "no production version yet"
+    registry = ModelRegistry(root / "models")
+    assert registry.current() == "v0001" == first["candidate"]
+    night1 = root / "data" / "night-0001"
+    marks = {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*.complete.json")}
+    marks.update({p: p.stat().st_mtime_ns for p in (root / "heldout").rglob("*.complete.json")})
+    night1_ids, heldout_ids = _pair_ids(night1), _pair_ids(root / "heldout")
+    assert night1_ids and heldout_ids and not night1_ids & heldout_ids
+    lineage = registry.lineage("v0001")
+    assert lineage["parent"] is None and [d["run_dir"] for d in lineage["datasets"]] == [str(night1)]
+    assert lineage["datasets"][0]["shards"] == first["new_shards"] and lineage["datasets"][0]["config_hash"]
+
+    # Night 2, twice from the same state: its candidate learns nothing (a control run: no value token in
+    # training, no warm start), so it is worse than production on held-out loss. A strict rule keeps
+    # production; a tolerant one promotes the candidate.
+    tolerant = tmp_path / "tolerant"
+    shutil.copytree(root, tolerant)
+    control = {"train.prepend_value_token": False, "warm_start": False}
+    loose_rule = {"metrics": [{"metric": "heldout_loss", "direction": "min", "tolerance": 1e6}]}
+    promoted = nightly_flow(root=str(tolerant), overrides={**small_nightly(promotion=loose_rule), **control})
+    kept = nightly_flow(root=str(root), overrides={**small_nightly(), **control})
+
+    assert kept["night"] == promoted["night"] == "night-0002" and kept["seed"] == first["seed"] + 1
+    cand, prod = kept["metrics"]["candidate"]["heldout_loss"], kept["metrics"]["production"]["heldout_loss"]
+    assert cand > prod and promoted["metrics"] == kept["metrics"]   # deterministic: the same numbers in both roots
+    assert not kept["promoted"] and kept["reason"].startswith("worse on heldout_loss")
+    assert registry.current() == "v0001" and registry.versions() == ["v0001", "v0002"]
+    assert promoted["promoted"] and promoted["reason"].startswith("not worse on heldout_loss")
+    assert ModelRegistry(tolerant / "models").current() == "v0002"
+    assert registry.lineage("v0002")["parent"] == "v0001" and len(registry.lineage("v0002")["datasets"]) == 2
+    decisions = registry.decisions()
+    assert [d["promoted"] for d in decisions] == [True, False] and decisions[-1]["reason"] == kept["reason"]
+    report = latest_artifact("livo-nightly-comparison")   # the strict root's night 2 ran last
+    assert "livo nightly night-0002" in report and "**v0001 kept** in production; v0002 not promoted" in report
+    assert "| heldout_loss |" in report and "| worse |" in report and kept["reason"] in report
+
+    # Night 2 rendered only new shards: night 1's and the held-out set's markers were not rewritten, its
+    # pairs are all new, and every one of its shards was built tonight.
+    assert {p: p.stat().st_mtime_ns for p in marks} == marks
+    night2 = root / "data" / "night-0002"
+    night2_ids = _pair_ids(night2)
+    assert night2_ids and not night2_ids & (night1_ids | heldout_ids)
+    stats = json.loads((night2 / "stats.json").read_text())["shards"]
+    assert kept["new_shards"] == [r["shard"] for r in stats] and {r["status"] for r in stats} == {"built"}
+    state = json.loads((root / "nights" / "night-0002.json").read_text())
+    assert state["status"] == "done" and state["decision"]["reason"] == kept["reason"] and state["data"] == "data/night-0002"

@@ -280,3 +280,117 @@ def test_two_runs_on_one_run_dir_the_second_is_refused_naming_the_first(prefect_
         out, errs = first.communicate(timeout=600)
     assert first.returncode == 0, errs[-2000:]
     assert json.loads((run / "stats.json").read_text())["summary"]["shards_complete"] == 4
+
+
+# --------------------------------------------------------------------------- a real Prefect server, deployments, a worker
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, with its children (SIGTERM, then SIGKILL)."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free port with its own PREFECT_HOME; yields (api_url, env for clients)."""
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url,
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "10"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300   # 3-7 s on an idle machine; much longer on a busy one
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).json() is True:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prefect server did not become healthy in 300 s"
+            time.sleep(1)
+        yield url, env
+    finally:
+        _stop(server)
+        log.close()
+    assert server.returncode is not None
+
+
+def _deployments(url: str) -> dict[str, dict]:
+    import httpx
+
+    found = httpx.post(f"{url}/deployments/filter", json={"offset": 0, "limit": 50}, timeout=60).raise_for_status().json()
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{url}/flows/filter", json={"offset": 0, "limit": 50},
+                                                    timeout=60).raise_for_status().json()}
+    return {f"{flows[d['flow_id']]}/{d['name']}": d for d in found}
+
+
+@pytest.mark.slow
+def test_deployments_on_a_real_server_and_a_nightly_run_picked_up_by_a_worker(prefect_server, toyworld_model, tmp_path):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from livo_core.paths import ROOT
+    from livo_core.registry import ModelRegistry
+    from test_nightly import small_nightly
+
+    url, env = prefect_server
+    # prefect.yaml declares the deployments ...
+    done = subprocess.run([PY, "-m", "flows.cli", "deploy", "--prefect-yaml", str(ROOT / "prefect.yaml")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    from_yaml = _deployments(url)
+    assert {"livo-dataset/dataset", "livo-evaluate/evaluation", "livo-nightly/nightly"} <= set(from_yaml)
+    nightly = from_yaml["livo-nightly/nightly"]
+    assert nightly["entrypoint"] == "flows.nightly.nightly_flow" and nightly["parameters"]["root"] == "runs/nightly"
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert nightly["work_pool_name"] == "livo" and nightly["job_variables"] == {"working_dir": str(ROOT)}
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+
+    # ... and `livo deploy` creates (updates) the same ones, with the work pool made if missing.
+    root = tmp_path / "nightly"
+    done = subprocess.run([PY, "-m", "flows.cli", "deploy", "--work-pool", "livo-test", "--root", str(root),
+                           "--nightly-cron", "15 2 * * *"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "livo: deployment livo-nightly/nightly" in done.stdout and "prefect worker start --pool livo-test" in done.stdout
+    deployed = _deployments(url)
+    nightly = deployed["livo-nightly/nightly"]
+    assert nightly["work_pool_name"] == "livo-test" and nightly["entrypoint"] == "flows.nightly.nightly_flow"
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["15 2 * * *"]
+    assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC" and nightly["parameters"]["root"] == str(root)
+    assert nightly["global_concurrency_limit"]["limit"] == 1 and len(nightly["schedules"]) == 1
+
+    # A worker of that pool picks up a triggered nightly run and runs it as a subprocess.
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "livo-test", "--type", "process"],
+                              env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            run = run_deployment("livo-nightly/nightly", parameters={"root": str(root), "overrides": small_nightly()},
+                                 timeout=1500, poll_interval=3)
+    finally:
+        _stop(worker)
+        worker_log.close()
+    assert run.state.is_completed(), (run.state, (tmp_path / "worker.log").read_text()[-4000:])
+
+    registry = ModelRegistry(root / "models")
+    assert registry.current() == "v0001" and registry.decisions()[-1]["reason"] == "no production version yet"
+    report = latest_artifact("livo-nightly-comparison", api_url=url)
+    assert "**v0001 promoted** to production" in report and "heldout_loss" in report
