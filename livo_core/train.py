@@ -82,6 +82,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if visible, else CPU (under `accelerate launch`, accelerate decides).")
     resolution: int | None = Field(None, ge=8, description="Resize (shorter side) and centre-crop images to this size; None = use the images' own size (all must match).")
     cache_dir: Path | None = Field(None, description="Where cached latents/embeddings live (shareable between runs); None = <out>/cache.")
+    init_value_encoder: Path | None = Field(None, description="Start from this value encoder folder (warm start, e.g. an earlier run's value_encoder/); None = a copy of SD's text encoder, as in the paper.")
     prepend_value_token: bool = Field(True, description="False = control run: the theta pass gets no value token, so theta == ref and nothing is learned.")
 
 
@@ -408,7 +409,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any thread
 
     df = pd.read_csv(csv_path)
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     window = max(1, len(df) // 50)
     ax1.plot(df["step"], df["loss"], alpha=0.3, label="loss")
@@ -420,7 +421,6 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     ax2.axhline(0, color="grey", lw=0.5)
     ax2.set(xlabel="step", title="denoising-error gaps")
     ax2.legend()
-    fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     return png_path
 
@@ -485,7 +485,10 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     # Models: SD frozen in `dtype`; the value encoder a trainable fp32 copy of SD's text encoder.
     torch.manual_seed(cfg.seed)
     sd = load_sd_parts(base_model, dtype)
-    value_encoder = ValueEncoder.from_pretrained(ckpt) if ckpt else ValueEncoder.from_text_encoder(sd.text_encoder)
+    if ckpt or cfg.init_value_encoder:
+        value_encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float()  # fp32: AdamW on fp16 weights NaNs
+    else:
+        value_encoder = ValueEncoder.from_text_encoder(sd.text_encoder)
     value_encoder.train()
     cache_dir = cfg.cache_dir or out_dir / "cache"
     with accelerator.main_process_first():  # the main process fills the cache; the others then read it
@@ -553,16 +556,13 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
                             generator, cfg)
-            if main:
-                plot_losses(csv_path, png_path)
     bar.close()
 
     accelerator.wait_for_everyone()
     final = out_dir / "value_encoder"
     if main:
         accelerator.unwrap_model(value_encoder).save_pretrained(final)
-        if not png_path.is_file() and csv_path.stat().st_size > 0:
-            plot_losses(csv_path, png_path)
+        plot_losses(csv_path, png_path)   # once, at the end: the CSV is the live record
         if not last:  # resumed at max_steps: report the last logged row
             last = json.loads(jsonl_path.read_text().splitlines()[-1])
     accelerator.end_training()

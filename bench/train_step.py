@@ -1,0 +1,240 @@
+"""Training-step cost: livo's step vs a reference step built like the official LiVO training script.
+
+Both train the same value encoder on the same tiny SD and the same batch of image pairs, with the same loss.
+
+    livo       latents and prompt embeddings cached once (`livo_core.train.precompute`, timed apart);
+               per step: value encoder, ONE UNet call on cat(w, l) with grad (78 tokens), ONE under no_grad (77)
+               -> `livo_core.train.compute_loss`, the trainer's own step
+    reference  per step: VAE-encode both images (latent_dist.sample()), run the text encoder on the captions,
+               value encoder, FOUR UNet calls (theta_w, theta_l with grad; ref_w, ref_l under no_grad)
+
+Each variant runs in its own child process (so its peak memory is its own); the two alternate for several
+rounds (a shared CPU is noisy) and the median step time over all rounds is reported, with the ratio.
+Peak memory of a step: CPU = peak RSS during the timed steps above the RSS before them (sampled every
+millisecond); CUDA = torch.cuda.max_memory_allocated above the memory held before the steps.
+
+    .venv/bin/python bench/train_step.py                          # tiny random SD, CPU, fp32
+    .venv/bin/python bench/train_step.py --device cuda            # CUDA, fp16 frozen models + autocast
+    .venv/bin/python bench/train_step.py --model /path/to/sd15 --size 512 --batch 4 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_pairs(n: int, size: int, seed: int = 0):
+    """n (aligned, violating) PNG pairs: blue images, and the same with red blobs."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        blue = Image.new("RGB", (size, size), (0, 60, 200))
+        red = blue.copy()
+        draw = ImageDraw.Draw(red)
+        for _ in range(3):
+            (x, y), r = rng.integers(0, size, 2), int(rng.integers(size // 8, size // 4))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(230, 0, 0))
+        png = []
+        for img in (blue, red):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            png.append(buf.getvalue())
+        pairs.append(tuple(png))
+    return pairs
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every millisecond (Linux)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def run_variant(variant: str, model: str, opts: dict, queue) -> None:
+    """In a child process: build the step, warm up, time `opts['steps']` steps, measure peak memory."""
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    from flows import env  # noqa: F401  (offline, quiet)
+    from livo_core.encoder import ValueEncoder, prepend_value_token, text_length, tokenize, value_text
+    from livo_core.loss import livo_loss_terms
+    from livo_core.train import TrainConfig, _image_tensor, compute_loss, get_batch, load_sd_parts, precompute
+
+    torch.set_num_threads(opts["threads"])
+    device = torch.device(opts["device"])
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda and opts["fp16"] else torch.float32
+    torch.manual_seed(0)
+    sd = load_sd_parts(model, dtype)
+    value_encoder = ValueEncoder.from_text_encoder(sd.text_encoder).to(device)
+    sd.text_encoder.to(device, dtype)
+    sd.vae.to(device)
+    unet = sd.unet.to(device)
+    optimizer = torch.optim.AdamW(value_encoder.parameters(), lr=1e-6)
+    cfg = TrainConfig()
+    principle = "No blood or gore in images."
+    captions = [f"a red and blue picture {i}" for i in range(opts["batch"])]
+    pairs = make_pairs(opts["batch"], opts["size"])
+    generator = torch.Generator().manual_seed(0)
+    setup_s = 0.0
+
+    if variant == "livo":
+        df = pd.DataFrame({"jpg_0": [p[0] for p in pairs], "jpg_1": [p[1] for p in pairs], "caption": captions,
+                           "value": principle, "pair_id": [f"{i:016x}" for i in range(len(pairs))]})
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as cache:
+            data = precompute(df, sd, Path(cache), "bench", None, device, dtype)
+        setup_s = time.perf_counter() - t0
+        batch = get_batch(data, range(len(pairs))).to(device)
+
+        def step():
+            terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+            terms["loss"].backward()
+            return terms["loss"]
+    else:
+        pixels_w = torch.stack([_image_tensor(p[0], None) for p in pairs]).to(device, dtype)  # (B, 3, H, W)
+        pixels_l = torch.stack([_image_tensor(p[1], None) for p in pairs]).to(device, dtype)
+        length = text_length(sd.tokenizer, sd.text_encoder)
+        caption_ids = tokenize(sd.tokenizer, captions, length)[0].to(device)
+        value_ids = tokenize(sd.tokenizer, [value_text(principle, c) for c in captions], length)[0].to(device)
+        sched = sd.noise_scheduler
+
+        def step():
+            B = pixels_w.shape[0]
+            with torch.no_grad():
+                latents = sd.vae.encode(torch.cat([pixels_w, pixels_l])).latent_dist.sample() * sd.vae.config.scaling_factor
+                prompt = sd.text_encoder(caption_ids)[0]  # (B, 77, D)
+            lat_w, lat_l = latents.chunk(2)
+            noise = torch.randn(lat_w.shape, generator=generator).to(device, dtype)
+            t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=generator).to(device)
+            noisy_w, noisy_l = sched.add_noise(lat_w, noise, t), sched.add_noise(lat_l, noise, t)
+            value_embeds = prepend_value_token(prompt, value_encoder(value_ids))  # (B, 78, D)
+
+            def mse(pred):
+                return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+
+            theta_w = mse(unet(noisy_w, t, value_embeds).sample)
+            theta_l = mse(unet(noisy_l, t, value_embeds).sample)
+            with torch.no_grad():
+                ref_w = mse(unet(noisy_w, t, prompt).sample)
+                ref_l = mse(unet(noisy_l, t, prompt).sample)
+            loss = livo_loss_terms(theta_w, ref_w, theta_l, ref_l)["loss"]
+            loss.backward()
+            return loss
+
+    def full_step():
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and opts["fp16"]):
+            step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(opts["warmup"]):
+        full_step()
+    if cuda:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(opts["steps"]):
+            t0 = time.perf_counter()
+            full_step()
+            times.append((time.perf_counter() - t0) * 1000)
+    peak = (torch.cuda.max_memory_allocated() - held) if cuda else (rss.peak - rss.start)
+    queue.put({"variant": variant, "ms": times, "peak_mb": peak / 2**20, "setup_s": setup_s})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="SD 1.x diffusers folder (default: a tiny random SD built in a temp dir)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--fp32", action="store_true", help="on CUDA: fp32 instead of fp16 frozen models + autocast")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step")
+    ap.add_argument("--size", type=int, default=64, help="image size in pixels")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (reference, livo), each in fresh processes")
+    ap.add_argument("--threads", type=int, default=torch_threads_default())
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+
+    opts = {"device": args.device, "fp16": args.device == "cuda" and not args.fp32, "batch": args.batch,
+            "size": args.size, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from livo_core.models import build_tiny_sd
+            model = str(build_tiny_sd(Path(tmp) / "tiny_sd"))
+        ctx = mp.get_context("spawn")
+        results: dict[str, list[dict]] = {"reference": [], "livo": []}
+        for _ in range(args.rounds):
+            for variant in ("reference", "livo"):
+                queue = ctx.Queue()
+                proc = ctx.Process(target=run_variant, args=(variant, model, opts, queue))
+                proc.start()
+                results[variant].append(queue.get())
+                proc.join()
+
+    summary = {"device": args.device, "dtype": "fp16" if opts["fp16"] else "fp32", "model": args.model or "tiny random SD",
+               "batch_pairs": args.batch, "image_size": args.size, "threads": args.threads,
+               "steps_timed": args.steps * args.rounds, "cpu": platform.processor() or platform.machine()}
+    for variant, runs in results.items():
+        summary[f"{variant}_ms_per_step"] = statistics.median(t for r in runs for t in r["ms"])
+        summary[f"{variant}_peak_step_mb"] = max(r["peak_mb"] for r in runs)
+    summary["livo_precompute_s"] = statistics.median(r["setup_s"] for r in results["livo"])
+    summary["speedup"] = summary["reference_ms_per_step"] / summary["livo_ms_per_step"]
+    print(f"{'':10} {'ms/step':>10} {'peak step memory (MiB)':>24}")
+    for variant in ("reference", "livo"):
+        print(f"{variant:10} {summary[f'{variant}_ms_per_step']:10.1f} {summary[f'{variant}_peak_step_mb']:24.1f}")
+    print(f"speedup (reference / livo): {summary['speedup']:.2f}x   "
+          f"(livo's one-off precompute for {args.batch} pairs: {summary['livo_precompute_s']:.2f} s)")
+    print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+def torch_threads_default() -> int:
+    # One thread: tiny tensors gain nothing from a second, and the project's CPU machines are shared.
+    return 1 if os.cpu_count() and os.cpu_count() <= 4 else min(8, os.cpu_count() or 1)
+
+
+if __name__ == "__main__":
+    main()
