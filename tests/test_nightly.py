@@ -14,6 +14,7 @@ from flows.nightly import (
 )
 from livo_core.errors import LivoError
 from livo_core.values import load_values
+from test_ops import one_torch_thread  # noqa: F401  (a fixture)
 
 POLICY_REPLY = {"principles": [{"id": "weapons-inappropriate", "principle": "Weapons are considered inappropriate",
                                 "kind": "toxicity", "concept": "weapons", "attributes": [], "keywords": ["gun", "sword"]}]}
@@ -28,6 +29,23 @@ def test_nightly_config_errors_name_the_field(tmp_path):
         load_nightly_config(overrides={"train.max_steps": 0})
     cfg = load_nightly_config(overrides={"train.max_steps": 7, "dataset.seed": 40})
     assert cfg.train.max_steps == 7 and cfg.dataset.seed == 40
+
+
+def test_livo_nightly_and_livo_deploy_report_bad_input_in_one_line(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from flows.cli import main
+
+    assert main(["nightly", "--root", str(tmp_path), "--set", "promotion.metrics=[]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("livo: error: invalid nightly config field 'promotion.metrics'") and err.count("\n") == 1
+    assert not (tmp_path / "nights").exists()
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("livo: error: no Prefect API is configured")
 
 
 def test_nights_get_new_seeds_and_an_unfinished_night_is_resumed(tmp_path):
@@ -100,7 +118,8 @@ def _pair_ids(run) -> set[str]:
 
 
 @pytest.mark.slow
-def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefect_harness, toyworld_model, tmp_path):
+def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefect_harness, toyworld_model, tmp_path,
+                                                                          one_torch_thread):
     from test_ops import latest_artifact
 
     from flows.nightly import nightly_flow
@@ -154,3 +173,8 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
     assert kept["new_shards"] == [r["shard"] for r in stats] and {r["status"] for r in stats} == {"built"}
     state = json.loads((root / "nights" / "night-0002.json").read_text())
     assert state["status"] == "done" and state["decision"]["reason"] == kept["reason"] and state["data"] == "data/night-0002"
+
+    # The evaluation flow (the `evaluation` deployment) scores production on the same held-out draws.
+    from flows.nightly import evaluate_flow
+
+    assert evaluate_flow(root=str(root)) == pytest.approx(kept["metrics"]["production"])

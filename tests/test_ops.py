@@ -17,6 +17,19 @@ from livo_core.lock import RunLock, read_holder
 from livo_core.registry import MetricRule, ModelRegistry, PromotionRule, promote_if_not_worse
 
 PY = sys.executable
+# Subprocesses (CLI runs, server, worker) render and train with one torch thread, as the fixture below.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for this test: on 2 cores shared with other jobs, 2 threads ran ~10x slower (FINDINGS)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _hold_lock_in_subprocess(directory, seconds: float, purpose: str = "holder test") -> subprocess.Popen:
@@ -203,7 +216,8 @@ def latest_artifact(key: str, api_url: str | None = None) -> str:
     return str(found[0]["data"])
 
 
-def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness, tiny_config, tmp_path, monkeypatch):
+def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness, tiny_config, tmp_path, monkeypatch,
+                                                                  one_torch_thread):
     from flows.cli import main
     from flows.dataset import dataset_flow
 
@@ -238,7 +252,8 @@ def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness
 
 
 @pytest.mark.slow
-def test_dask_task_runner_gives_the_same_pairs_and_images(prefect_harness, tiny_config, tmp_path, monkeypatch):
+def test_dask_task_runner_gives_the_same_pairs_and_images(prefect_harness, tiny_config, tmp_path, monkeypatch,
+                                                          one_torch_thread):
     from flows.cli import main
 
     # The Dask worker processes report their task runs to the same Prefect API as this process.
@@ -255,7 +270,8 @@ def test_dask_task_runner_gives_the_same_pairs_and_images(prefect_harness, tiny_
 
 
 @pytest.mark.slow
-def test_two_runs_on_one_run_dir_the_second_is_refused_naming_the_first(prefect_harness, tiny_config, tmp_path):
+def test_two_runs_on_one_run_dir_the_second_is_refused_naming_the_first(prefect_harness, tiny_config, tmp_path,
+                                                                        one_torch_thread):
     from flows.dataset import dataset_flow
 
     config = tiny_config()
@@ -263,7 +279,7 @@ def test_two_runs_on_one_run_dir_the_second_is_refused_naming_the_first(prefect_
     # A real first run: `livo dataset` in its own process, on the session's Prefect API.
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config))
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
+    env = {**os.environ, **ONE_THREAD, "PREFECT_API_URL": prefect_harness}
     first = subprocess.Popen([PY, "-m", "flows.cli", "dataset", "--out", str(run), "--config", str(config_file)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -309,7 +325,7 @@ def prefect_server(tmp_path):
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url,
+    env = {**os.environ, **ONE_THREAD, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url,
            "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "10"}
     log = open(tmp_path / "server.log", "w")
