@@ -11,7 +11,7 @@ One night, in order (each step a Prefect task or subflow):
   3. data        the dataset flow on ROOT/data/night-N: new prompt pairs and new image seeds, so only new
                  shards are rendered and judged. Earlier nights' shards are reused as they are.
   4. held-out    ROOT/heldout: a dataset built once, on the first night, with its own seed, never trained on.
-  5. train       a value encoder on every night's data so far, fresh or warm-started from production.
+  5. train       the training flow (subflow) on every night's data so far, fresh or warm-started from production.
   6. evaluate    candidate and production on the held-out pairs, with the same noise and timesteps.
   7. decide      the candidate becomes a registry version (ROOT/models); it is promoted only if it is not
                  worse than production by the promotion rule. The decision and why are logged, stored in
@@ -286,24 +286,24 @@ def principles_task(root: str, config: dict, previous_hash: str | None) -> tuple
     return str(values_file), policy_hash, new_ids
 
 
-@task(name="nightly-train")
-def train_task(train_config: dict, data_dirs: list[str], out_dir: str, init_encoder: str | None) -> dict:
-    """Train tonight's candidate (fresh, or from `init_encoder`). A finished training of this night is reused."""
-    from livo_core.train import train
+def train_candidate(train_config: dict, data_dirs: list[str], out_dir: str, init_encoder: str | None) -> dict:
+    """Train tonight's candidate (fresh, or from `init_encoder`) with the training flow, as a subflow.
+
+    A finished training of this night (a resumed night) is reused as it is.
+    """
+    from flows.training import train_value_encoder
 
     out = Path(out_dir)
     done = out / "nightly_train.json"
     if done.is_file() and (out / "value_encoder" / "config.json").is_file():
         return json.loads(done.read_text())
     shutil.rmtree(out, ignore_errors=True)   # a half-finished attempt: start this night's training over
-    cfg = TrainConfig.model_validate(train_config)
     if init_encoder:
-        cfg = cfg.model_copy(update={"init_value_encoder": Path(init_encoder)})
-    res = train(cfg, data_dirs, out, progress=False)
+        train_config = {**train_config, "init_value_encoder": init_encoder}
+    res = train_value_encoder(data_dirs=data_dirs, out_dir=str(out), train_config=train_config)
     for f in out.glob("checkpoints/*/optimizer.pt"):   # only resuming needs them; the registry keeps the model
         f.unlink()
-    result = {"steps": res.steps, "last": res.last_metrics, "value_encoder": str(res.value_encoder),
-              "warm_start": init_encoder}
+    result = {"steps": res["steps"], "last": res["last"], "value_encoder": res["value_encoder"], "warm_start": init_encoder}
     _write_json(done, result)
     return result
 
@@ -368,8 +368,8 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
         production = registry.current()
         init = str(registry.encoder_dir(production)) if cfg.warm_start and production else None
         train_cfg = cfg.train.model_copy(update={"cache_dir": cfg.train.cache_dir or root_dir / "cache"})
-        trained = train_task(train_cfg.model_dump(mode="json"), [str(d) for d in data_dirs],
-                             str(root_dir / "train" / night), init)
+        trained = train_candidate(train_cfg.model_dump(mode="json"), [str(d) for d in data_dirs],
+                                  str(root_dir / "train" / night), init)
 
         # 6. candidate and production on the same held-out pairs and noise
         base_model = _base_model(data_dirs, cfg.train)
