@@ -89,6 +89,7 @@ def measure_clip(pipe, clip_dir: Path, guidance: float, steps: int = 20, seed: i
     matching = sim[torch.arange(len(sim)), own]
     others = sim[torch.ones_like(sim, dtype=torch.bool).scatter_(1, own[:, None], False)]
     return {"matching_mean": round(matching.mean().item(), 3), "matching_min": round(matching.min().item(), 3),
+            "matching_below_0.2": round((matching < 0.2).float().mean().item(), 3),  # the judge's default clip_min_score
             "mismatched_mean": round(others.mean().item(), 3),
             "top1_accuracy": round((sim.argmax(1) == own).float().mean().item(), 3)}
 
