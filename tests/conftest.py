@@ -47,7 +47,7 @@ def prefect_harness() -> str:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):   # generous: the 2 cores are shared
         yield PREFECT_API_URL.value()
 
 

@@ -21,12 +21,14 @@ from livo_core.config import RunConfig
 from livo_core.shards import SHARD_COLUMNS, complete_shards, load_plan, read_shards, shard_paths
 
 ROOT = Path(__file__).resolve().parent.parent
+# One torch thread in `livo` subprocesses: on 2 cores shared with other jobs, 2 threads ran ~10x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def livo(*args: str, api_url: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the `livo` command against the session's Prefect server (a fresh process would start its own)."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PREFECT_API_URL": api_url})
+                          timeout=timeout, env={**os.environ, **ONE_THREAD, "PREFECT_API_URL": api_url})
 
 
 def snapshot(folder: Path) -> dict[Path, tuple[int, str]]:
@@ -67,7 +69,7 @@ def test_sigkill_then_resume(prefect_harness, tiny_config, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "dataset", "--out", str(run),
                              "--config", str(tmp_path / "config.yaml")], cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "PREFECT_API_URL": prefect_harness},
+                            env={**os.environ, **ONE_THREAD, "PREFECT_API_URL": prefect_harness},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 400
