@@ -91,10 +91,12 @@ def test_changed_policy_adds_principles_through_the_llm_and_an_unchanged_one_doe
 
 
 # --------------------------------------------------------------------------- nights on the toy world
-def small_nightly(**extra) -> dict:
-    """Overrides for a tiny night on the toy world: one value, 8 candidate pairs, a few training steps."""
+def small_nightly(world_model, **extra) -> dict:
+    """Overrides for a tiny night on the toy world (its model folder given): one value, 8 candidate pairs, a few
+    training steps."""
     overrides = {
-        "dataset": {"values": ["bloody-inappropriate"], "prompts_per_value": 4, "images_per_prompt": 2,
+        "dataset": {"base_model": str(world_model), "judge": {"clip_model": f"local-dir:{world_model.parent / 'clip'}"},
+                    "values": ["bloody-inappropriate"], "prompts_per_value": 4, "images_per_prompt": 2,
                     "shard_size": 4, "device": "cpu", "render": {"steps": 10, "batch_size": 16}},
         "train": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 4, "checkpoint_every": 100, "device": "cpu",
                   "log_every": 4},
@@ -126,7 +128,7 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
     from livo_core.registry import ModelRegistry
 
     root = tmp_path / "nightly"
-    first = nightly_flow(root=str(root), overrides=small_nightly())
+    first = nightly_flow(root=str(root), overrides=small_nightly(toyworld_model))
     assert first["night"] == "night-0001" and first["promoted"] and first["reason"] == "no production version yet"
     registry = ModelRegistry(root / "models")
     assert registry.current() == "v0001" == first["candidate"]
@@ -140,28 +142,31 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
     assert lineage["datasets"][0]["shards"] == first["new_shards"] and lineage["datasets"][0]["config_hash"]
 
     # Night 2, twice from the same state: its candidate learns nothing (a control run: no value token in
-    # training, no warm start), so it is worse than production on held-out loss. A strict rule keeps
-    # production; a tolerant one promotes the candidate.
+    # training, no warm start), so the value token helps the aligned images less often than production's
+    # does (held-out preference accuracy). A strict rule keeps production; a tolerant one promotes.
     tolerant = tmp_path / "tolerant"
     shutil.copytree(root, tolerant)
     control = {"train.prepend_value_token": False, "warm_start": False}
-    loose_rule = {"metrics": [{"metric": "heldout_loss", "direction": "min", "tolerance": 1e6}]}
-    promoted = nightly_flow(root=str(tolerant), overrides={**small_nightly(promotion=loose_rule), **control})
-    kept = nightly_flow(root=str(root), overrides={**small_nightly(), **control})
+
+    def rule(tolerance):
+        return {"metrics": [{"metric": "heldout_pref_acc", "direction": "max", "tolerance": tolerance}]}
+
+    promoted = nightly_flow(root=str(tolerant), overrides={**small_nightly(toyworld_model, promotion=rule(1.0)), **control})
+    kept = nightly_flow(root=str(root), overrides={**small_nightly(toyworld_model, promotion=rule(0.0)), **control})
 
     assert kept["night"] == promoted["night"] == "night-0002" and kept["seed"] == first["seed"] + 1
-    cand, prod = kept["metrics"]["candidate"]["heldout_loss"], kept["metrics"]["production"]["heldout_loss"]
-    assert cand > prod and promoted["metrics"] == kept["metrics"]   # deterministic: the same numbers in both roots
-    assert not kept["promoted"] and kept["reason"].startswith("worse on heldout_loss")
+    cand, prod = kept["metrics"]["candidate"]["heldout_pref_acc"], kept["metrics"]["production"]["heldout_pref_acc"]
+    assert cand < prod and promoted["metrics"] == kept["metrics"]   # deterministic: the same numbers in both roots
+    assert not kept["promoted"] and kept["reason"].startswith("worse on heldout_pref_acc")
     assert registry.current() == "v0001" and registry.versions() == ["v0001", "v0002"]
-    assert promoted["promoted"] and promoted["reason"].startswith("not worse on heldout_loss")
+    assert promoted["promoted"] and promoted["reason"].startswith("not worse on heldout_pref_acc")
     assert ModelRegistry(tolerant / "models").current() == "v0002"
     assert registry.lineage("v0002")["parent"] == "v0001" and len(registry.lineage("v0002")["datasets"]) == 2
     decisions = registry.decisions()
     assert [d["promoted"] for d in decisions] == [True, False] and decisions[-1]["reason"] == kept["reason"]
     report = latest_artifact("livo-nightly-comparison")   # the strict root's night 2 ran last
     assert "livo nightly night-0002" in report and "**v0001 kept** in production; v0002 not promoted" in report
-    assert "| heldout_loss |" in report and "| worse |" in report and kept["reason"] in report
+    assert "| heldout_pref_acc |" in report and "| worse |" in report and kept["reason"] in report
 
     # Night 2 rendered only new shards: night 1's and the held-out set's markers were not rewritten, its
     # pairs are all new, and every one of its shards was built tonight.

@@ -399,7 +399,7 @@ def test_deployments_on_a_real_server_and_a_nightly_run_picked_up_by_a_worker(pr
                               env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            run = run_deployment("livo-nightly/nightly", parameters={"root": str(root), "overrides": small_nightly()},
+            run = run_deployment("livo-nightly/nightly", parameters={"root": str(root), "overrides": small_nightly(toyworld_model)},
                                  timeout=1500, poll_interval=3)
     finally:
         _stop(worker)
