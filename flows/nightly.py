@@ -357,7 +357,9 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
                      values_hash=_sha(Path(values_file).read_bytes()), dataset_config_hash=night_cfg.config_hash())
         _write_json(state_path, state)
         data_summary = dataset_flow(config=night_cfg.model_dump(mode="json"), run_dir=str(data_dir))
+        # Every shard of tonight's run dir is new (tonight's seed); `built` = rendered by this attempt.
         stats = json.loads((data_dir / "stats.json").read_text())["shards"]
+        tonight = [r["shard"] for r in stats]
         built = [r["shard"] for r in stats if r["status"] == "built"]
         heldout_dir = cfg.heldout.run_dir or root_dir / "heldout"
         if cfg.heldout.run_dir is None:
@@ -365,7 +367,9 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
 
         # 5. train on every finished night's data and tonight's
         data_dirs = [root_dir / n["data"] for n in previous] + [data_dir]   # stored relative: a root can be moved
-        production = registry.current()
+        # Production as the night first saw it: a resumed night that promoted before it crashed compares the same.
+        production = state.setdefault("production", registry.current())
+        _write_json(state_path, state)
         init = str(registry.encoder_dir(production)) if cfg.warm_start and production else None
         train_cfg = cfg.train.model_copy(update={"cache_dir": cfg.train.cache_dir or root_dir / "cache"})
         trained = train_candidate(train_cfg.model_dump(mode="json"), [str(d) for d in data_dirs],
@@ -396,16 +400,17 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
                     "reason": reason, "metrics": metrics, "rule": cfg.promotion.model_dump()}
         registry.record_decision(decision)
         removed = registry.prune(cfg.keep_versions)
-        state.update(status="done", finished=_now(), new_shards=built, decision=decision, train=trained,
+        state.update(status="done", finished=_now(), new_shards=tonight, rendered_by_last_attempt=built,
+                     decision=decision, train=trained,
                      pairs_kept_tonight=data_summary["kept"])
         _write_json(state_path, state)
 
     verb = f"promoted {candidate} to production" if promoted else f"kept {production} in production ({candidate} not promoted)"
     log.info("%s: %s: %s", night, verb, reason)
-    _comparison_artifact(night, candidate, production, promoted, reason, metrics, cfg.promotion, built, data_dirs, removed, init)
+    _comparison_artifact(night, candidate, production, promoted, reason, metrics, cfg.promotion, tonight, data_dirs, removed, init)
     return {"night": night, "seed": state["seed"], "candidate": candidate, "production_before": production,
             "production": candidate if promoted else production, "promoted": promoted, "reason": reason,
-            "metrics": metrics, "new_shards": built, "removed_versions": removed}
+            "metrics": metrics, "new_shards": tonight, "rendered": built, "removed_versions": removed}
 
 
 def _comparison_artifact(night, candidate, production, promoted, reason, metrics, rule, built, data_dirs, removed, init) -> None:
@@ -418,7 +423,7 @@ def _comparison_artifact(night, candidate, production, promoted, reason, metrics
         f"{verdict}. Reason: {reason}.",
         "",
         metric_table(comparison_rows(candidate, production, metrics, rule), digits=4),
-        f"Data: {len(built)} new shard(s) rendered tonight; trained on {len(data_dirs)} night(s) of data "
+        f"Data: {len(built)} new shard(s) tonight; trained on {len(data_dirs)} night(s) of data "
         f"({'warm start from ' + production if init else 'fresh start'}). Versions removed: {', '.join(removed) or 'none'}.",
     ])
     create_markdown_artifact(markdown=md, key="livo-nightly-comparison", description=f"livo nightly {night}: {candidate} vs {production or 'none'}")

@@ -502,8 +502,10 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
         unet.enable_gradient_checkpointing()
         value_encoder.text_model.gradient_checkpointing_enable()
 
+    # fused: one kernel for all parameters, ~7x faster than the default loop on CPU (the token table is 38M on SD 1.5)
     optimizer = torch.optim.AdamW(value_encoder.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
     # accelerate steps a prepared scheduler once per process per step: scale its step counts to match.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
