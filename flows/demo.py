@@ -57,10 +57,16 @@ class DemoSettings(BaseModel):
     batch_size: int = Field(description="Pairs per step, every trained method.")
     eval_every: int = Field(description="Checkpoint and evaluate violation/fidelity every N steps.")
     livo_lr: float = Field(description="LiVO value encoder learning rate.")
+    livo_beta: float = Field(100.0, description="LiVO beta. With gamma1 = 1 the aligned margin is gamma1 / beta = 0.01 in "
+                             "denoising MSE; the paper's 1000 (margin 0.001) is met by half the world's pairs within "
+                             "100 steps while held-out violation stays at ~40%.")
+    livo_alpha: float = Field(50.0, description="LiVO alpha (violating margin gamma2 / alpha = 0.01; the paper's 500: 0.001).")
     dpo_encoder_lr: float = Field(description="Learning rate of the value encoder trained with the DPO loss.")
     dpo_unet_lr: float = Field(description="Learning rate of the UNet trained with Diffusion-DPO.")
     beta_dpo: float = Field(5000.0, description="Diffusion-DPO beta (both DPO baselines).")
-    eval_images: int = Field(description="Images per held-out prompt in the final evaluation (even: bias mixing splits them).")
+    eval_images: int = Field(description="Images per held-out toxic or harmless prompt in the final evaluation.")
+    bias_eval_images: int = Field(description="Images per held-out bias prompt in the final evaluation (one prompt: "
+                                  "D1 needs many; even, so mixing splits them).")
     curve_images: int = Field(description="Images per held-out toxic prompt at each checkpoint.")
     eval_prompts_per_group: int | None = Field(None, description="Cap on toxic and harmless held-out prompts (None: all).")
     mix: float = Field(0.5, description="Bias value: share of images generated with the value token (the paper's mixing).")
@@ -68,11 +74,11 @@ class DemoSettings(BaseModel):
 
 
 FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 2, "bias": 12}, train_steps=200,
-                    batch_size=16, eval_every=25, livo_lr=1e-4, dpo_encoder_lr=1e-4, dpo_unet_lr=1e-4,
-                    eval_images=16, curve_images=8)
+                    batch_size=16, eval_every=25, livo_lr=3e-3, dpo_encoder_lr=3e-3, dpo_unet_lr=1e-4,
+                    eval_images=16, bias_eval_images=48, curve_images=4)
 QUICK = DemoSettings(prompts_per_value=8, images_per_prompt={"toxicity": 1, "bias": 2}, render_steps=10,
                      train_steps=4, batch_size=4, eval_every=2, livo_lr=1e-4, dpo_encoder_lr=1e-4,
-                     dpo_unet_lr=1e-4, eval_images=2, curve_images=2, eval_prompts_per_group=2)
+                     dpo_unet_lr=1e-4, eval_images=2, bias_eval_images=2, curve_images=2, eval_prompts_per_group=2)
 
 METHODS = ("base", "livo", "negative-prompt", "dpo-encoder", "dpo-unet")
 TRAINED = ("livo", "dpo-encoder", "dpo-unet")
@@ -111,7 +117,7 @@ def train_configs(s: DemoSettings, cache_dir: Path) -> dict:
                   keep_checkpoints=None, seed=s.seed, log_every=5, device="cpu", cache_dir=cache_dir,
                   beta_dpo=s.beta_dpo)
     return {
-        "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, **common),
+        "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, beta=s.livo_beta, alpha=s.livo_alpha, **common),
         "dpo-encoder": TrainConfig(loss="dpo", learning_rate=s.dpo_encoder_lr, **common),
         "dpo-unet": TrainConfig(loss="dpo", learning_rate=s.dpo_unet_lr, **common),
     }
@@ -198,9 +204,10 @@ def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool =
             m.trainable_params = trained_params(m.name, train_root / m.name)
 
     render = dict(steps=s.render_steps, guidance_scale=s.guidance_scale)
+    per_group = {"toxic": s.eval_images, "harmless": s.eval_images, "bias": s.bias_eval_images}
     total = len(prompts) * len(methods) + len(toxic_prompts) * (1 + sum(len(v) for v in steps.values()))
     with tqdm(total=total, desc="evaluate", unit="prompt", disable=not progress) as bar:
-        results, images = evaluate_methods(methods, prompts, toxic, bias, classifiers, s.eval_images, progress=bar, **render)
+        results, images = evaluate_methods(methods, prompts, toxic, bias, classifiers, per_group, progress=bar, **render)
 
         # Along training: the toxic held-out prompts at every checkpoint (step 0 = the base model).
         def point(method, step):
@@ -276,7 +283,8 @@ def build_metrics(s: DemoSettings, quick: bool, datasets: dict, training: dict, 
         "retrievals": evaluation["retrievals"],
         "methods": evaluation["methods"],
         "eval": {"prompts": evaluation["prompts"], "num_prompts": evaluation["num_prompts"],
-                 "images_per_prompt": s.eval_images, "curve_images_per_prompt": s.curve_images,
+                 "images_per_prompt": s.eval_images, "bias_images_per_prompt": s.bias_eval_images,
+                 "curve_images_per_prompt": s.curve_images,
                  "violation_threshold": evaluation["threshold"], "toxic_value": evaluation["toxic_value"],
                  "bias_value": evaluation["bias_value"]},
         "datasets": datasets,
@@ -311,7 +319,7 @@ def report_markdown(metrics: dict, out: Path) -> str:
         "Toy world (data/toyworld): every number below comes from the world's exact pixel detectors on images",
         f"generated for HELD-OUT prompts ({ev['num_prompts']['toxic']} bloody, {ev['num_prompts']['bias']} doctor, "
         f"{ev['num_prompts']['harmless']} harmless; subject/colour/background combinations that no training prompt used), "
-        f"{ev['images_per_prompt']} images per prompt, the same seeds for every method. Violation = the "
+        f"{ev['images_per_prompt']} images per bloody or harmless prompt and {ev['bias_images_per_prompt']} for the doctor, the same seeds for every method. Violation = the "
         f"`{ev['toxic_value']}` classifier's score >= {ev['violation_threshold']}. LiVO's value is retrieved from the "
         "prompt (nothing tells it which value applies); the bias value is applied with the paper's mixing "
         f"({s['mix']:.0%} of the images get the value token).",

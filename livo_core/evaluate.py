@@ -112,12 +112,14 @@ class Generated:
     colour: list[str | None] = field(default_factory=list)     # detected colour per image
 
 
-def generate(method: Method, prompts: list[EvalPrompt], num_images: int, steps: int,
+def generate(method: Method, prompts: list[EvalPrompt], num_images: int | dict[str, int], steps: int,
              guidance_scale: float, progress=None) -> list[Generated]:
-    """`num_images` images per prompt with `method`; image j of a prompt always uses seed prompt.seed + j."""
+    """`num_images` images per prompt (or per group: {"bias": 48, ...}) with `method`; image j of a prompt
+    always uses seed prompt.seed + j."""
     out = []
     for p in prompts:
-        res = method.pipeline(p.prompt, num_images=num_images, seed=p.seed, steps=steps,
+        n = num_images[p.group] if isinstance(num_images, dict) else num_images
+        res = method.pipeline(p.prompt, num_images=n, seed=p.seed, steps=steps,
                               guidance_scale=guidance_scale, negative_prompt=method.negative_prompt,
                               use_value=method.use_value)
         out.append(Generated(p, res.images, res.used_value_mask, res.value.id if res.value else None))
@@ -197,7 +199,7 @@ def method_metrics(generated: list[Generated], toxic: ValuePrinciple, bias: Valu
 
 
 def evaluate_methods(methods: list[Method], prompts: list[EvalPrompt], toxic: ValuePrinciple, bias: ValuePrinciple,
-                     classifiers: dict[str, SafetyClassifier], num_images: int, steps: int, guidance_scale: float,
+                     classifiers: dict[str, SafetyClassifier], num_images: int | dict[str, int], steps: int, guidance_scale: float,
                      progress=None) -> tuple[dict[str, dict[str, float]], dict[str, list[Generated]]]:
     """Every method on every prompt, same seeds. The first method is the base model (the harmless reference).
 

@@ -5,12 +5,12 @@
     "<principle>, <prompt>" --value encoder-------------> (1, 1, D) value token
     cat -> (1, 78, D) prompt embeddings -> the unchanged SD pipeline (UNet cross-attention takes 78 tokens)
 
-Classifier-free guidance: the negative branch is built by the same recipe from the negative prompt
-("" when none): value token of "<principle>, <negative prompt>" + SD's 77 negative embeddings. So the
-value-conditioned model is used like any text-conditioned model whose text encoder is "SD's encoder
-plus the value token", which is exactly the conditioning the value encoder was trained under; guidance
-then pushes along the prompt as in plain SD. (A zero vector as the 78th negative token would be a
-token the UNet never saw in training and acts as an extra attention sink.)
+Classifier-free guidance: the negative branch is SD's plain embeddings of the negative prompt ("" when
+none), padded to 78 tokens with one more padding token, as the authors' inference script does (it lets
+diffusers pad the negative to the prompt's length). Guidance then amplifies what the value token changes
+(eps = neg + g * (valued - neg)); on the toy world this took held-out violation from 42% to 13% for the
+same trained encoder at guidance 5. `value_in_negative=True` gives the negative branch its own value
+token of "<principle>, <negative prompt>" instead; guidance then only amplifies the prompt.
 
 Bias values (the paper's mixing): a value encoder trained to remove a majority attribute tends to flip
 every image to the minority one, which is a bias too. So only a share `mix` of the images is generated
@@ -68,7 +68,7 @@ class LiVOPipeline:
     """
 
     def __init__(self, pipe, value_encoder: ValueEncoder, values: list[ValuePrinciple],
-                 retriever: ValueRetriever | None = None, mix: float = 0.5):
+                 retriever: ValueRetriever | None = None, mix: float = 0.5, value_in_negative: bool = False):
         width = pipe.unet.config.cross_attention_dim
         if value_encoder.config.hidden_size != width:
             raise LivoError(f"value encoder width {value_encoder.config.hidden_size} does not match the UNet's "
@@ -79,6 +79,7 @@ class LiVOPipeline:
         self.values = list(values)
         self.retriever = retriever or ValueRetriever(self.values)
         self.mix = mix
+        self.value_in_negative = value_in_negative
 
     def choose_value(self, prompt: str, value_id: str | None = None) -> Retrieval:
         """The caller's value id, or the retriever's choice for the prompt."""
@@ -97,6 +98,19 @@ class LiVOPipeline:
         ids, _ = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, te))
         value_token = self.value_encoder(ids.to(self.pipe.device))   # (B, 1, D); no mask, as in training
         return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)       # (B, 78, D)
+
+    @torch.no_grad()
+    def negative_embeds(self, principle: str, negative_prompt: str) -> torch.Tensor:
+        """The unconditional branch of a valued image, (1, 78, D).
+
+        value_in_negative=False (default, as the official inference script): SD's embeddings of the negative
+        prompt plus one more padding token (a copy of the last one), so guidance amplifies what the value
+        token changes. True: the negative gets its own value token ("<principle>, <negative prompt>").
+        """
+        if self.value_in_negative:
+            return self.embeds_with_value(principle, [negative_prompt])
+        embeds = encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, [negative_prompt]).to(self.pipe.dtype)
+        return torch.cat([embeds, embeds[:, -1:]], dim=1)                                  # (1, 77 + 1, D)
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
                  steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
@@ -127,7 +141,7 @@ class LiVOPipeline:
         if valued:
             n = len(valued)
             prompt_embeds = self.embeds_with_value(value.principle, [prompt]).expand(n, -1, -1)        # (n, 78, D)
-            negative_embeds = self.embeds_with_value(value.principle, [negative_prompt or ""]).expand(n, -1, -1)
+            negative_embeds = self.negative_embeds(value.principle, negative_prompt or "").expand(n, -1, -1)   # (n, 78, D)
             out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                             generator=self._generators(seeds, valued), **common)
             for i, img in zip(valued, out.images):

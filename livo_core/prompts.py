@@ -106,9 +106,11 @@ def load_seeds(path: Path | str) -> dict:
 def template_pairs(value: ValuePrinciple, seeds: dict, n: int, seed: int) -> list[PromptPair]:
     """Up to `n` prompt pairs for `value` from the seeds' templates; deterministic for `seed`.
 
-    Every combination of the slots a template uses is a candidate; candidates are shuffled by
-    random.Random(f"{seed}:{value.id}") and the first `n` distinct user prompts are kept. For bias
-    values the aligned attribute cycles over the attributes minus the majority attribute.
+    Every combination of the slots a template uses is a candidate. Each template's candidates are
+    shuffled by random.Random(f"{seed}:{value.id}"), then the templates take turns (round robin), and the
+    first `n` distinct user prompts are kept: a template with few combinations ("a bloody doctor") gets
+    as many prompts as one with many, as long as it has them. For bias values the aligned attribute
+    cycles over the attributes minus the majority attribute.
     Fewer than `n` pairs come back when the templates cannot make more distinct prompts.
     """
     where = seeds.get("path", "the seeds file")
@@ -118,7 +120,8 @@ def template_pairs(value: ValuePrinciple, seeds: dict, n: int, seed: int) -> lis
                         f"or use prompt_source=llm")
     slots = seeds.get("slots", {})
 
-    candidates: list[tuple[dict, dict[str, str]]] = []   # (template entry, slot values)
+    rng = random.Random(f"{seed}:{value.id}")
+    per_template: list[list[tuple[dict, dict[str, str]]]] = []   # per template: (entry, slot values)
     for entry in entries:
         entry = dict(entry)
         uses_attribute = "attribute" in _placeholders(entry["aligned"])
@@ -128,9 +131,11 @@ def template_pairs(value: ValuePrinciple, seeds: dict, n: int, seed: int) -> lis
             raise LivoError(f"seeds file {where}: template {entry} of {value.kind} value {value.id!r} {rule}")
         names = [p for p in dict.fromkeys(_placeholders(entry["user"]) + _placeholders(entry["aligned"]))
                  if p != "attribute"]
-        for combo in itertools.product(*(slots[name] for name in names)):
-            candidates.append((entry, dict(zip(names, combo))))
-    random.Random(f"{seed}:{value.id}").shuffle(candidates)
+        combos = [(entry, dict(zip(names, combo))) for combo in itertools.product(*(slots[name] for name in names))]
+        rng.shuffle(combos)
+        per_template.append(combos)
+    # round robin: candidate k of every template, then k + 1, ...
+    candidates = [c for turn in itertools.zip_longest(*per_template) for c in turn if c is not None]
 
     attributes = [a for a in value.attributes if a != value.majority_attribute] or [None]
     pairs: list[PromptPair] = []

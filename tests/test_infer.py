@@ -73,7 +73,8 @@ def test_toxicity_value_token_is_prepended_for_every_image(livo, pipe, encoder):
     assert out.value.id == value.id and out.used_value_mask == [True, True] and out.retrieval.method == "keyword"
     assert len(spy.calls) == FAST["steps"] and all(c.shape == (4, 78, 32) for c in spy.calls)  # CFG: 2 negative + 2 positive
 
-    # the conditioning is [value token of "<principle>, <prompt>"; SD's own 77 prompt embeddings]
+    # the conditioning is [value token of "<principle>, <prompt>"; SD's own 77 prompt embeddings]; the
+    # negative branch is SD's own 77 negative embeddings + one more padding token (its last one repeated)
     negative, positive = spy.calls[0][:2], spy.calls[0][2:]
     with torch.no_grad():
         ids, _ = tokenize(pipe.tokenizer, [value_text(value.principle, prompt), value_text(value.principle, "")], 77)
@@ -81,6 +82,17 @@ def test_toxicity_value_token_is_prepended_for_every_image(livo, pipe, encoder):
         sd_pos, sd_neg = pipe.encode_prompt(prompt, "cpu", 1, True, "")
     torch.testing.assert_close(positive[:, 1:], sd_pos.expand(2, -1, -1))
     torch.testing.assert_close(positive[:, 0], tokens[0].expand(2, -1))
+    torch.testing.assert_close(negative[:, :77], sd_neg.expand(2, -1, -1))
+    torch.testing.assert_close(negative[:, 77], sd_neg[:, 76].expand(2, -1))
+
+    # value_in_negative=True: the negative branch gets its own value token, of "<principle>, "
+    livo.value_in_negative = True
+    try:
+        with UNetSpy(pipe.unet) as spy:
+            livo(prompt, num_images=2, seed=3, **FAST)
+    finally:
+        livo.value_in_negative = False
+    negative = spy.calls[0][:2]
     torch.testing.assert_close(negative[:, 1:], sd_neg.expand(2, -1, -1))
     torch.testing.assert_close(negative[:, 0], tokens[1].expand(2, -1))
     assert not torch.allclose(tokens[0], tokens[1])

@@ -52,7 +52,20 @@ def test_template_expansion_is_deterministic_per_seed():
     assert a == b and a != template_pairs(value, seeds, 8, seed=4)
     assert template_pairs(value, seeds, 4, seed=3) == a[:4]   # a larger n only adds pairs
     # Pinned: random.Random(str) is the same in every process and Python version >= 3.2.
-    assert template_pairs(BY_ID["gender-equality"], seeds, 1, seed=0)[0].aligned_prompt == "a photo of a male chef"
+    assert template_pairs(BY_ID["gender-equality"], seeds, 1, seed=0)[0].aligned_prompt == "a photo of a male architect"
+
+
+def test_templates_take_turns_so_a_small_template_is_not_drowned():
+    # toy world: "a bloody doctor" has 1 combination, "a bloody {subject} on a {background} background" 42
+    from livo_core.paths import TOYWORLD_DIR
+    from livo_core.values import load_values
+
+    seeds = load_seeds(TOYWORLD_DIR / "seeds.yaml")
+    value = next(v for v in load_values(TOYWORLD_DIR / "values.yaml") if v.id == "bloody-inappropriate")
+    templates = seeds["templates"][value.id]
+    pairs = template_pairs(value, seeds, 2 * len(templates), seed=0)
+    doctor = [p.prompt for p in pairs if "doctor" in p.prompt]
+    assert "a bloody doctor" in doctor and len(doctor) == 3   # 1 + 2 of the 3 "doctor on a background" prompts
 
 
 def test_small_seeds_expand_every_combination_once_and_skip_the_majority_attribute():
