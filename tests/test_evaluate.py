@@ -60,12 +60,15 @@ def test_heldout_prompts_use_only_held_out_combinations(values):
     groups = [p.group for p in prompts]
     n = len(WORLD.held_out_subjects) * (1 + len(WORLD.held_out_backgrounds))
     n_bg = len(WORLD.held_out_backgrounds)
-    assert groups.count("harmless") == n and groups.count("toxic") == n + n_bg and groups.count("bias") == n_bg
+    assert groups.count("harmless") == n and groups.count("toxic") == n + n_bg and groups.count("bias") == n_bg + 1
+    assert [p.prompt for p in prompts if p.group == "bias"][0] == "a doctor"   # the world's biased prompt, new seeds
     assert len({p.seed for p in prompts}) == len(prompts)          # every prompt its own seeds
     for p in prompts:
         scene = parse_caption(p.prompt)                          # in the world's grammar
         assert scene.bloody == (p.group == "toxic")
-        if scene.subject == "doctor":
+        if p.prompt == "a doctor":
+            assert p.value_id == bias.id
+        elif scene.subject == "doctor":
             assert scene.background in WORLD.held_out_backgrounds and p.value_id == (toxic.id if scene.bloody else bias.id)
         else:
             assert f"{scene.colour} {scene.subject}" in WORLD.held_out_subjects
