@@ -22,13 +22,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from livo_core.errors import LivoError
 from livo_core.loss import dpo_loss_terms, min_snr_weights
 from livo_core.train import (
     LOG_COLUMNS, METRICS, Batch, TrainConfig, TrainResult, base_model_from_data, batch_indices, get_batch,
-    load_sd_parts, model_key, plot_losses, precompute,
+    load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute,
 )
 
 log = logging.getLogger("livo.baselines")
@@ -43,28 +42,14 @@ def count_params(module: torch.nn.Module) -> int:
 
 def unet_denoising_errors(unet, ref_unet, noise_scheduler, batch: Batch, generator: torch.Generator):
     """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and timesteps (B,), for a trainable UNet
-    against a frozen reference UNet; both read SD's 77 prompt tokens. Same noise and timestep for w and l,
-    drawn exactly as `livo_core.train.denoising_errors` draws them."""
-    B = batch.latents_w.shape[0]
-    device = batch.latents_w.device
-    noise = torch.randn(batch.latents_w.shape, generator=generator).to(device, batch.latents_w.dtype)  # (B, 4, h, w)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)  # (B,)
-    latents = torch.cat([batch.latents_w, batch.latents_l])  # (2B, 4, h, w)
-    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
-    noisy = noise_scheduler.add_noise(latents, noise2, t2)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise2, t2)
-    else:
-        target = noise2
+    against a frozen reference UNet; both read SD's 77 prompt tokens. Noise and timesteps are drawn exactly
+    as the value encoder's trainer draws them (`livo_core.train.noised_pair`)."""
+    noisy, t2, target, t = noised_pair(noise_scheduler, batch, generator)
     prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
     theta_pred = unet(noisy, t2, prompt).sample  # (2B, 4, h, w), with autograd
     with torch.no_grad():
         ref_pred = ref_unet(noisy, t2, prompt).sample
-    theta = F.mse_loss(theta_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (2B,)
-    ref = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    theta_w, theta_l = theta.chunk(2)
-    ref_w, ref_l = ref.chunk(2)
-    return theta_w, ref_w, theta_l, ref_l, t
+    return (*pair_errors(theta_pred, ref_pred, target), t)
 
 
 def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,

@@ -324,12 +324,14 @@ def batch_indices(n: int, batch_size: int, seed: int, position: int) -> np.ndarr
     return np.asarray(out)
 
 
-def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generator: torch.Generator,
-                     prepend: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and the timesteps (B,)."""
+def noised_pair(noise_scheduler, batch: Batch, generator: torch.Generator):
+    """Noise both images of every pair with the SAME noise and timestep, so w and l are compared on equal terms.
+
+    Returns noisy latents (2B, 4, h, w) = cat(w, l), their timesteps (2B,), the prediction target (2B, 4, h, w)
+    and the pairs' timesteps (B,). Draws noise first, then timesteps, from `generator` (resume depends on it).
+    """
     B = batch.latents_w.shape[0]
     device = batch.latents_w.device
-    # The same noise and timestep for w and l: the two images are compared on equal terms.
     noise = torch.randn(batch.latents_w.shape, generator=generator).to(device, batch.latents_w.dtype)  # (B, 4, h, w)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)  # (B,)
     latents = torch.cat([batch.latents_w, batch.latents_l])  # (2B, 4, h, w)
@@ -341,7 +343,22 @@ def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generat
         target = noise_scheduler.get_velocity(latents, noise2, t2)
     else:
         raise LivoError(f"prediction_type {noise_scheduler.config.prediction_type!r} is not supported: use an epsilon or v-prediction model")
+    return noisy, t2, target, t
 
+
+def pair_errors(theta_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor):
+    """Predictions on cat(w, l) (2B, 4, h, w) -> per-sample MSEs theta_w, ref_w, theta_l, ref_l, each (B,)."""
+    theta_mse = F.mse_loss(theta_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (2B,)
+    ref_mse = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    theta_w, theta_l = theta_mse.chunk(2)
+    ref_w, ref_l = ref_mse.chunk(2)
+    return theta_w, ref_w, theta_l, ref_l
+
+
+def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generator: torch.Generator,
+                     prepend: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and the timesteps (B,)."""
+    noisy, t2, target, t = noised_pair(noise_scheduler, batch, generator)
     prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
     if prepend:
         value_token = value_encoder(batch.value_ids)  # (B, 1, D): one text pass serves w and l
@@ -351,12 +368,7 @@ def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generat
     theta_pred = unet(noisy, t2, theta_embeds).sample  # (2B, 4, h, w), with autograd
     with torch.no_grad():
         ref_pred = unet(noisy, t2, prompt).sample  # (2B, 4, h, w), frozen SD
-
-    theta_mse = F.mse_loss(theta_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (2B,)
-    ref_mse = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    theta_w, theta_l = theta_mse.chunk(2)
-    ref_w, ref_l = ref_mse.chunk(2)
-    return theta_w, ref_w, theta_l, ref_l, t
+    return (*pair_errors(theta_pred, ref_pred, target), t)
 
 
 def compute_loss(value_encoder, unet, noise_scheduler, batch: Batch, cfg: TrainConfig,
