@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -30,8 +29,7 @@ from livo_core.models import build_tiny_sd  # noqa: E402
 from livo_core.render import Renderer  # noqa: E402
 from livo_core.shards import pair_seed  # noqa: E402
 
-DOC = ROOT / "docs" / "bench.md"
-START, END = "<!-- render-bench:start -->", "<!-- render-bench:end -->"
+from doc_section import DOC, write_section  # noqa: E402  (bench/ is on the path: the script's own folder)
 
 
 def shard_workload(n_pairs: int, seeds_per_prompt: int) -> tuple[list[str], list[int]]:
@@ -108,19 +106,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write_doc:
-        write_doc("\n".join(lines))
-
-
-def write_doc(body: str) -> None:
-    """Replace this bench's section of docs/bench.md (other benches keep theirs)."""
-    section = f"{START}\n## Render throughput\n\n{body}\n{END}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.DOTALL)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+        write_section("render-bench", "Render throughput", "\n".join(lines))
 
 
 if __name__ == "__main__":

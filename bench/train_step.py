@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (reference, livo), each in fresh processes")
     ap.add_argument("--threads", type=int, default=torch_threads_default())
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--write-doc", action="store_true", help="write the result into docs/bench.md (its training-step section)")
     args = ap.parse_args()
 
     opts = {"device": args.device, "fp16": args.device == "cuda" and not args.fp32, "batch": args.batch,
@@ -252,6 +253,26 @@ def main() -> None:
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
+    if args.write_doc:
+        import torch
+
+        from doc_section import write_section
+
+        s = summary
+        write_section(f"train-bench-{args.device}", f"Training step ({args.device}, {s['dtype']})", "\n".join([
+            f"- command: `.venv/bin/python bench/train_step.py {' '.join(sys.argv[1:])}`",
+            f"- machine: {args.device} ({s['cpu']}, {args.threads} torch threads), torch {torch.__version__}",
+            f"- workload: {s['model']}, {args.batch} pairs of {args.size}x{args.size} images per step, same loss and "
+            f"fused AdamW in both; {s['steps_timed']} timed steps per variant over {args.rounds} alternating rounds, each in a fresh process",
+            "",
+            "| variant | wall ms/step | CPU ms/step | peak step memory (MiB) |",
+            "|---|---|---|---|",
+            *[f"| {v} | {s[f'{v}_ms_per_step']:.1f} | {s[f'{v}_cpu_ms_per_step']:.1f} | {s[f'{v}_peak_step_mb']:.1f} |"
+              for v in ("reference", "livo")],
+            "",
+            f"- speedup reference / livo ({s['speedup_of']}): **{s['speedup']:.2f}x** (goal >= 2.0x)",
+            f"- livo's one-off precompute (VAE latents + prompt embeddings, {args.batch} pairs): {s['livo_precompute_s']:.2f} s",
+        ]))
 
 
 def torch_threads_default() -> int:

@@ -27,7 +27,7 @@ from livo_core.errors import LivoError
 from livo_core.loss import dpo_loss_terms, min_snr_weights
 from livo_core.train import (
     LOG_COLUMNS, METRICS, Batch, TrainConfig, TrainResult, base_model_from_data, batch_indices, get_batch,
-    flush_denormals, load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute,
+    load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute,
 )
 
 log = logging.getLogger("livo.baselines")
@@ -99,28 +99,27 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     csv_path.write_text(",".join(LOG_COLUMNS) + "\n")
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, disable=not progress, desc="train unet-dpo", unit="step")
-    with flush_denormals(device):
-        for step in range(1, cfg.max_steps + 1):
-            idx = batch_indices(len(data), cfg.batch_size, cfg.seed, (step - 1) * cfg.batch_size)
-            batch = get_batch(data, idx).to(device)
-            theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
-            weights = min_snr_weights(t, sd.noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-            terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
-            terms["loss"].backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    for step in range(1, cfg.max_steps + 1):
+        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, (step - 1) * cfg.batch_size)
+        batch = get_batch(data, idx).to(device)
+        theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
+        weights = min_snr_weights(t, sd.noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+        terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
+        terms["loss"].backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
-            last = {"step": step, **{k: float(terms[k].detach()) for k in METRICS}, "lr": lr_scheduler.get_last_lr()[0]}
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                unet.save_pretrained(out_dir / "checkpoints" / f"step-{step:06d}" / "unet")
+        last = {"step": step, **{k: float(terms[k].detach()) for k in METRICS}, "lr": lr_scheduler.get_last_lr()[0]}
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            unet.save_pretrained(out_dir / "checkpoints" / f"step-{step:06d}" / "unet")
     bar.close()
     unet.save_pretrained(out_dir / "unet")
     plot_losses(csv_path, png_path)

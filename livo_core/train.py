@@ -21,7 +21,6 @@ keyed by image hash + model: VAE latents of every image and SD's prompt embeddin
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -459,19 +458,6 @@ class TrainResult:
     log_csv: Path                   # out/train_log.csv
 
 
-@contextlib.contextmanager
-def flush_denormals(device: torch.device):
-    """On CPU, treat denormal floats as zero while training: the sigmoid of DPO's large-beta gaps and tiny
-    gradients produce them, and x86 CPUs compute on them ~100x slower (the toy world's DPO-encoder step:
-    327 -> 203 ms). Numerically harmless at these magnitudes (< 1.2e-38). Restores torch's default after."""
-    on = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if on:
-            torch.set_flush_denormal(False)
-
-
 # --------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
           resume: str | Path | None = None, progress: bool = True) -> TrainResult:
@@ -552,39 +538,38 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     last: dict[str, float] = {}
     global_batch = cfg.batch_size * accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and main), desc="train", unit="step")
-    with flush_denormals(accelerator.device):
-        while step < cfg.max_steps:
-            # Each process takes its slice of one global batch; the sampler state is `samples_seen`.
-            idx = batch_indices(len(data), global_batch, cfg.seed, samples_seen)
-            idx = idx[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
-            batch = get_batch(data, idx).to(accelerator.device)
-            batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
-            with accelerator.autocast():
-                terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
-            if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
-                accelerator.backward(terms["loss"])
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(value_encoder.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_seen += global_batch
+    while step < cfg.max_steps:
+        # Each process takes its slice of one global batch; the sampler state is `samples_seen`.
+        idx = batch_indices(len(data), global_batch, cfg.seed, samples_seen)
+        idx = idx[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
+        batch = get_batch(data, idx).to(accelerator.device)
+        batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
+        with accelerator.autocast():
+            terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+        if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
+            accelerator.backward(terms["loss"])
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(value_encoder.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples_seen += global_batch
 
-            values = accelerator.reduce(torch.stack([terms[k].detach().float() for k in METRICS]), reduction="mean")
-            last = {"step": step, **dict(zip(METRICS, values.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
-            if main:
-                with open(csv_path, "a", newline="") as f:
-                    csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
-                with open(jsonl_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", gap_w=f"{last['gap_w']:.2e}", gap_l=f"{last['gap_l']:.2e}")
-                log.debug("step %d %s", step, last)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
-                                generator, cfg)
+        values = accelerator.reduce(torch.stack([terms[k].detach().float() for k in METRICS]), reduction="mean")
+        last = {"step": step, **dict(zip(METRICS, values.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+        if main:
+            with open(csv_path, "a", newline="") as f:
+                csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
+            with open(jsonl_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", gap_w=f"{last['gap_w']:.2e}", gap_l=f"{last['gap_l']:.2e}")
+            log.debug("step %d %s", step, last)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
+                            generator, cfg)
     bar.close()
 
     accelerator.wait_for_everyone()

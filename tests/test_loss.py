@@ -71,6 +71,17 @@ def test_dpo_loss_equals_the_formula():
     assert dpo_loss_terms(one - 1e-3, one, one, one)["share_past_margin"].item() == 1.0
 
 
+def test_dpo_loss_saturated_pairs_keep_their_value_but_give_no_gradient():
+    # gap_w - gap_l = -0.03 -> inside = 75 (saturated); -0.001 -> 2.5 (not)
+    theta_w = torch.tensor([0.07, 0.099], requires_grad=True)
+    ref_w, theta_l, ref_l = torch.tensor([0.1, 0.1]), torch.tensor([0.1, 0.1]), torch.tensor([0.1, 0.1])
+    loss = dpo_loss(theta_w, ref_w, theta_l, ref_l, beta_dpo=5000.0)
+    inside = torch.tensor([75.0, 2.5])
+    assert torch.allclose(loss, (-torch.nn.functional.logsigmoid(inside)).mean(), rtol=1e-4)
+    loss.backward()
+    assert theta_w.grad[0] == 0.0 and theta_w.grad[1] > 0
+
+
 def test_min_snr_weights():
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 10, 500, 999])
