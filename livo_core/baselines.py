@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from livo_core.errors import LivoError
 from livo_core.loss import dpo_loss_terms, min_snr_weights
 from livo_core.train import (
     LOG_COLUMNS, METRICS, Batch, TrainConfig, TrainResult, base_model_from_data, batch_indices, get_batch,
-    load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute,
+    load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute, read_training_pairs,
 )
 
 log = logging.getLogger("livo.baselines")
@@ -65,14 +64,9 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     from tqdm.auto import tqdm
 
     from livo_core.models import resolve_device
-    from livo_core.shards import read_shards
 
     out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
-    df, problems = read_shards(data_dirs)
-    for p in problems:
-        log.warning("skipping %s", p)
-    if len(df) == 0:
-        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
+    df = read_training_pairs(data_dirs)
     base_model = cfg.base_model or base_model_from_data(data_dirs)
     cfg = cfg.model_copy(update={"base_model": base_model, "loss": "dpo"})
     out_dir.mkdir(parents=True, exist_ok=True)

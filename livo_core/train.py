@@ -162,6 +162,18 @@ def base_model_from_data(data_dirs: list[Path]) -> str:
     raise LivoError(f"the dataset runs were made with different base models ({found}): set base_model in the training config")
 
 
+def read_training_pairs(data_dirs: list[Path]):
+    """All pairs of the complete shards in `data_dirs`; every skipped shard is logged by name."""
+    from livo_core.shards import read_shards
+
+    df, problems = read_shards(data_dirs)
+    for p in problems:
+        log.warning("skipping %s", p)
+    if len(df) == 0:
+        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
+    return df
+
+
 # --------------------------------------------------------------------------- the cache
 @dataclass
 class PairData:
@@ -467,7 +479,6 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from livo_core.models import resolve_device
-    from livo_core.shards import read_shards
 
     out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
     device = resolve_device(cfg.device)
@@ -476,12 +487,7 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)  # frozen models' dtype
     main = accelerator.is_main_process
 
-    # Data: only complete shards; every skipped shard is logged by name.
-    df, problems = read_shards(data_dirs)
-    for p in problems:
-        log.warning("skipping %s", p)
-    if len(df) == 0:
-        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
+    df = read_training_pairs(data_dirs)
     base_model = cfg.base_model or base_model_from_data(data_dirs)
     other = sorted(set(df["base_model"].dropna()) - {base_model})
     if other:
