@@ -3,18 +3,24 @@
     with RunLock(run_dir, purpose="livo dataset", timeout_s=0):
         ...   # only this process writes run_dir
 
-The lock is `fcntl.flock` on `DIR/.lock`. The kernel drops a flock when its holder dies, even by SIGKILL,
-so a crashed run never blocks the next one. The file also holds who locked it (pid, host, purpose, since
-when), so a refused run can say which process to wait for or stop.
+The lock is `fcntl.flock` on `DIR/.lock`, which is never replaced or deleted: every process locks the same
+file, and the kernel lets exactly one open file hold it. The kernel drops a flock when its holder dies,
+even by SIGKILL, so a crashed run never blocks the next one and no "stale lock" needs taking over (taking
+over by replacing the file is what let two processes hold a lock at once: a waiter could replace the file
+a second waiter had just locked).
 
-A second run on the same directory waits up to `timeout_s` seconds (0 = refuse at once) and then raises a
-LivoError naming the holder and the directory. One case needs care: a flock belongs to an open file, and a
-child forked without exec (multiprocessing, some Dask setups) inherits it, so the lock can outlive the
-process that took it. When the recorded holder is a dead process on this host, the lock is stale: it is
-taken over by replacing the lock file (the orphaned flock then guards a deleted file).
+A flock belongs to an open file, and a child forked without exec (multiprocessing, some Dask setups)
+shares its parent's open files. So that a forked child never keeps a dead parent's lock, every forked
+child closes its copy of the held lock files at once (`os.register_at_fork`); the parent's lock is not
+affected (a flock is released only by LOCK_UN or when every copy is closed). Children started with exec
+never see the file (it is opened O_CLOEXEC).
+
+The file also holds who locked it (pid, host, purpose, since when), so a refused run can say which
+process to wait for or stop. A second run on the same directory waits up to `timeout_s` seconds (0 =
+refuse at once) and then raises a LivoError naming the holder and the directory.
 
 flock works between processes on one machine and on most local file systems; on NFS it depends on the
-server, and a holder on another host cannot be checked for liveness (it is waited for, never taken over).
+server.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,15 +41,22 @@ log = logging.getLogger("livo.lock")
 
 LOCK_NAME = ".lock"
 
+# Locks this process holds: a forked child closes their files (see the module docstring).
+_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+
+def _close_in_child() -> None:
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def read_holder(directory: Path) -> dict:
@@ -72,20 +86,26 @@ class RunLock:
 
     timeout_s: seconds to wait for another holder to finish; 0 refuses at once.
     poll_s: how often to try again while waiting.
+    create: create the directory if it does not exist (False: a missing directory is a LivoError).
     """
 
-    def __init__(self, directory: Path | str, purpose: str = "livo run", timeout_s: float = 0.0, poll_s: float = 0.5):
+    def __init__(self, directory: Path | str, purpose: str = "livo run", timeout_s: float = 0.0, poll_s: float = 0.5,
+                 create: bool = True):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.purpose = purpose
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        self.create = create
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise LivoError(f"{self.directory} does not exist: nothing to lock")
         deadline = time.monotonic() + self.timeout_s
         waited = False
         while True:
@@ -93,10 +113,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder, inode = _read_fd(fd), os.fstat(fd).st_ino
+                holder = _read_fd(fd)
                 os.close(fd)
-                if self._take_over_if_stale(holder, inode):
-                    continue
                 if time.monotonic() >= deadline:
                     how = f"waited {self.timeout_s:g} s; " if self.timeout_s else ""
                     raise LivoError(f"{self.directory} is locked by {_describe(holder)}: {how}wait for that run to "
@@ -106,7 +124,7 @@ class RunLock:
                     waited = True
                 time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
                 continue
-            # Locked. If a stale-lock takeover replaced the file meanwhile, this flock guards a deleted file.
+            # Locked. If the directory was deleted and made again meanwhile, this flock guards a file that is gone.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -115,28 +133,9 @@ class RunLock:
                 os.close(fd)
                 continue
             self._fd = fd
+            _HELD.add(self)
             self._write_holder()
             return self
-
-    def _take_over_if_stale(self, holder: dict, inode: int) -> bool:
-        """Replace the lock file when its holder is a dead process on this host. True if replaced."""
-        pid = holder.get("pid")
-        if not isinstance(pid, int) or holder.get("host") != socket.gethostname() or _alive(pid):
-            return False
-        try:
-            if os.stat(self.path).st_ino != inode:   # already replaced by another waiter: just try again
-                return True
-        except FileNotFoundError:
-            return True
-        log.warning("taking over the lock of %s: its holder, %s, is dead (a child process kept the lock)",
-                    self.directory, _describe(holder))
-        stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
-        try:
-            os.replace(self.path, stale)   # the orphaned flock stays on the renamed file
-            stale.unlink()
-        except FileNotFoundError:          # someone else took it over first
-            pass
-        return True
 
     def _write_holder(self) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
@@ -144,16 +143,19 @@ class RunLock:
         data = json.dumps(info).encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
 
     def release(self) -> None:
         if self._fd is None:
             return
         # Clear the holder first: an unlocked file that still names a pid would mislead a reader.
-        os.ftruncate(self._fd, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:   # a full or read-only disk must not keep the lock held
+            pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        _HELD.discard(self)
 
     @property
     def held(self) -> bool:

@@ -85,35 +85,6 @@ def test_second_run_waits_for_the_first_within_its_timeout(tmp_path):
         proc.wait()
 
 
-def test_lock_of_a_dead_process_kept_by_its_child_is_taken_over(tmp_path):
-    # The holder forks a child (which inherits the flock) and dies: the lock file names a dead pid,
-    # yet the flock is still held by the orphaned child.
-    code = textwrap.dedent(f"""
-        import os, sys, time
-        from livo_core.lock import RunLock
-        lock = RunLock({str(tmp_path)!r}, purpose="forking holder").acquire()
-        child = os.fork()
-        if child == 0:
-            time.sleep(60)
-            os._exit(0)
-        print(os.getpid(), child, flush=True)
-        os._exit(0)
-    """)
-    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
-    dead, orphan = map(int, proc.stdout.readline().split())   # (the orphan keeps the pipe open: no communicate)
-    proc.wait()
-    assert read_holder(tmp_path)["pid"] == dead
-    with pytest.raises(BlockingIOError):   # the flock really is still held (by the orphan)
-        import fcntl
-        with open(tmp_path / ".lock") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        with RunLock(tmp_path, timeout_s=0) as lock:
-            assert lock.held and read_holder(tmp_path)["pid"] == os.getpid()
-    finally:
-        os.kill(orphan, 9)
-
-
 def test_lock_in_one_process_excludes_a_second_lock_in_the_same_process(tmp_path):
     with RunLock(tmp_path, purpose="first"):
         with pytest.raises(LivoError, match="first"):
