@@ -1,6 +1,9 @@
 """The `livo` command. Each subcommand parses its arguments and calls one flow or library function.
 
-Bad input raises LivoError; it is printed as one line `livo: error: ...` and the exit code is 2.
+Whatever ends a command reaches the user through `flows.console`: bad input (LivoError, wherever it was
+raised) is one line `livo: error: <problem>; <fix>` and exit code 2; a full or read-only disk one line
+and 1; Ctrl-C / SIGTERM one line, no process left behind, and 130 / 143. `--verbose` shows library
+output, Prefect's log and tracebacks.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ import argparse
 import sys
 
 from flows import env  # noqa: F401  (sets offline/quiet environment before Prefect loads)
-from livo_core.errors import LivoError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -43,9 +45,22 @@ def config_from_args(args: argparse.Namespace, out_dir=None):
     return load_config(args.config, overrides)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one `livo: error:` line like every other error."""
+
+    def error(self, message: str):
+        print(f"livo: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livo", description="LiVO: align text-to-image diffusion with human values.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="show library progress bars and warnings, Prefect's log and full tracebacks")
+    parser = _Parser(prog="livo", description="LiVO: align text-to-image diffusion with human values.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[common], **kw)   # --verbose after the subcommand too
 
     p = sub.add_parser("dataset", help="build a preference dataset (prompt pairs -> renders -> judge -> Parquet shards)")
     p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
@@ -122,8 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupt_hint(args: argparse.Namespace) -> str:
+    """How to continue a command after Ctrl-C / SIGTERM (printed on the interrupt line)."""
+    if args.command == "dataset":
+        return f"finished shards are kept: `livo resume {args.out}` continues"
+    if args.command == "resume":
+        return f"finished shards are kept: `livo resume {args.run_dir}` continues"
+    if args.command == "train":
+        data = " ".join(f"--data {d}" for d in args.data)
+        return f"checkpoints are kept: `livo train {data} --out {args.out} --resume latest` continues"
+    if args.command == "nightly":
+        return f"`livo nightly --root {args.root}` resumes the night"
+    if args.command == "demo":
+        return f"`livo demo --out {args.out}` reuses the finished data"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from flows import console
+
     args = build_parser().parse_args(argv)
+    console.quiet(args.verbose)
+    try:
+        console.install_signal_handlers(interrupt_hint(args))
+    except ValueError:   # not the main thread (signals can only be handled there)
+        pass
     try:
         if args.command == "dataset":
             from flows.dataset import cli_dataset
@@ -144,12 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         module, func = handlers[args.command]
         import importlib
         return getattr(importlib.import_module(module), func)(args)
-    except LivoError as e:
-        print(f"livo: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("livo: interrupted; finished shards are kept, run `livo resume` to continue", file=sys.stderr)
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:   # the one place where failures reach the user (flows.console.report)
+        return console.report(e)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ tasks get the config as a dict and the run dir as a string, which Prefect can ha
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,15 +28,15 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
-from tqdm.auto import tqdm
-
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
+from livo_core.files import atomic_write_text, check_writable
 from livo_core.lock import RunLock
-from livo_core.models import check_model_source
+from livo_core.models import check_model_source, resolve_device
+from livo_core.progress import Progress
 from livo_core.shards import (
-    atomic_write_text, build_shard, clean_partial, is_complete, load_pairs, plan_value, read_marker, save_pairs,
-    save_value_plan,
+    DamagedFile, build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs,
+    migrate_legacy_plan, pairs_from_plan, plan_value, read_marker, save_pairs, save_value_plan,
 )
 from livo_core.values import ValuePrinciple, load_values
 
@@ -46,11 +47,11 @@ def check_inputs(cfg: RunConfig) -> list[ValuePrinciple]:
     if cfg.policy_text and cfg.prompt_source != "llm":
         raise LivoError("policy_text needs prompt_source=llm: an LLM proposes the new principles and writes their prompts")
     values = load_values(cfg.values_file, cfg.values or None)   # unknown value id -> LivoError
-    check_model_source(cfg.base_model)                           # missing model folder -> LivoError
-    clip = cfg.judge.clip_model
-    if clip.startswith("local-dir:") and not Path(clip.removeprefix("local-dir:")).is_dir():
-        raise LivoError(f"judge.clip_model folder {clip.removeprefix('local-dir:')} does not exist: "
-                        "point judge.clip_model at local-dir:<open_clip folder> or an open_clip model name")
+    check_model_source(cfg.base_model)                           # missing / not-a-model folder -> LivoError
+    resolve_device(cfg.device)                                   # device=cuda without a GPU -> LivoError
+    if cfg.judge.clip_model.startswith("local-dir:"):
+        from livo_core.judge import check_local_clip_dir
+        check_local_clip_dir(cfg.judge.clip_model)               # missing / empty CLIP folder -> LivoError
     if cfg.prompt_source == "template":
         # Offline and cheap: expand the templates now, so an empty prompt list fails before any rendering.
         from livo_core.prompts import generate_pairs
@@ -76,8 +77,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """A run dir must be new, empty, or a livo run made with the same config (same config hash)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LivoError(f"--out {run_dir} is a file: pass a new or empty directory")
+    check_writable(run_dir, "--out")   # a file in the way, a read-only disk: refused before anything is made
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     old = read_run_config(run_dir)
@@ -165,7 +165,15 @@ def pairs_task(config: dict, run_dir: str, value_id: str) -> int:
     from livo_core.prompts import generate_pairs
 
     run = Path(run_dir)
-    pairs = load_pairs(run, value_id)
+    try:
+        pairs = load_pairs(run, value_id)
+    except DamagedFile as e:
+        # The plan holds every pair it was made from; else the pairs are made again (templates are
+        # deterministic, LLM answers come from RUN/cache/llm), and save_value_plan checks they agree.
+        pairs = pairs_from_plan(run, value_id)
+        get_run_logger().warning("%s; %s", e, "rebuilt it from the plan" if pairs else "making the pairs again")
+        if pairs is not None:
+            save_pairs(run, value_id, pairs)
     if pairs is None:
         cfg = RunConfig.model_validate(config)
         value = next(v for v in run_values(cfg, run) if v.id == value_id)
@@ -183,12 +191,18 @@ def _shard_key(context, params: dict) -> str:
     return f"livo-shard-{cfg_hash}-{run_hash}-{params['shard_id']}"
 
 
+# Faults that retrying cannot fix, and that would fail every later shard too: the run stops with one line.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _retry_unless_user_error(task, task_run, state) -> bool:
-    # A LivoError is bad input: retrying cannot fix it. Anything else (OOM, I/O) may be transient.
+    # A LivoError is bad input and a full disk stays full: retrying cannot fix them. Anything else may be transient.
     try:
         state.result()
     except LivoError:
         return False
+    except OSError as e:
+        return e.errno not in _DISK_ERRNOS
     except Exception:
         return True
     return True
@@ -221,17 +235,34 @@ shard_task = task(name="shard", retries=2, retry_delay_seconds=1, retry_conditio
 def dataset_flow(config: dict, run_dir: str) -> dict:
     """Build (or finish) the preference dataset of `config` in `run_dir`. Returns the run's totals.
 
-    Ends with a LivoError naming the failed shards if any shard failed; finished shards stay on disk.
+    Ends with a LivoError naming the failed shards if any shard failed; finished shards stay on disk. A run
+    dir this call created is removed again when the run fails before making anything.
     """
-    log = get_run_logger()
     cfg = RunConfig.model_validate(config)
     run = Path(run_dir)
     check_inputs(cfg)
+    created = not run.exists()
     prepare_run_dir(cfg, run)
+    try:
+        return _build_dataset(config, cfg, run)
+    except BaseException:
+        if created:
+            _remove_if_nothing_made(run)
+        raise
+
+
+def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
+    log = get_run_logger()
+    run_dir = str(run)
     with RunLock(run, purpose="livo dataset", timeout_s=0):   # one writer per run dir
         removed = clean_partial(run)
         if removed:
             log.warning("removed %d partial file(s) left by an interrupted run", len(removed))
+        if migrate_legacy_plan(run):
+            log.warning("split the run's plan.json into per-shard plan files (plan/)")
+        for shard_id, reason in damaged_shards(run):   # resume repairs what is damaged: rebuilt below
+            log.warning("shard %s is damaged (%s): rebuilding it", shard_id, reason)
+            discard_shard(run, shard_id)
         # Shard results are cached next to the data: deleting the run dir deletes its cache too.
         shard = shard_task.with_options(cache_policy=CacheKeyFnPolicy(cache_key_fn=_shard_key).configure(
             key_storage=str(run.resolve() / ".prefect" / "cache")))
@@ -255,11 +286,15 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
             with _gpu_annotation(cfg):
                 futures = [(shard if is_complete(run, sid) else shard.with_options(refresh_cache=True))
                            .submit(config, run_dir, sid) for sid in shards]
-            with tqdm(total=len(futures), desc=value.id, unit="shard") as bar:
+            with Progress(total=len(futures), desc=f"dataset {value.id}", unit="shard") as bar:
                 for sid, future in zip(shards, futures):
                     future.wait()
                     rows.append(_stats_row(sid, value.id, future.state))
                     bar.update(1)
+            user_errors = [r for r in rows if r.get("user_error")]
+            if user_errors:   # bad input seen by a shard (e.g. a model that does not load): the rest would fail too
+                stop = LivoError(user_errors[0]["error"])
+                break
         summary = write_stats(run, rows)
 
     failed = [r for r in rows if r["status"] == "failed"]
@@ -272,14 +307,29 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
             markdown=f"# {len(failed)} failed shard(s) in {run}\n\n| shard | error |\n|---|---|\n{listed}\n"
                      f"Retry only these: `livo resume {run}` (or retry this flow run); finished shards are kept.\n")
     if stop is not None:
-        raise LivoError(f"{stop} ({summary['shards_complete']} finished shard(s) kept in {run}; "
-                        f"fix it and run `livo resume {run}`)")
+        kept = f"{summary['shards_complete']} finished shard(s) kept in {run}; " if summary["shards_complete"] else ""
+        raise LivoError(f"{stop} ({kept}fix it and run `livo resume {run}`)")
     if failed:
         listed = "; ".join(f"{r['shard']}: {r['error']}" for r in failed[:5])
         more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
         raise LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
                         f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
     return summary
+
+
+# What a run dir holds before any prompt pair, LLM answer or shard is made: safe to remove on failure.
+_BOOKKEEPING = {"config.json", ".lock", "stats.json", "stats.md"}
+
+
+def _remove_if_nothing_made(run: Path) -> None:
+    import shutil
+
+    if not run.is_dir():
+        return
+    made = [p for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] != ".prefect"
+            and p.name not in _BOOKKEEPING and ".tmp-" not in p.name]
+    if not made:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _gpu_annotation(cfg: RunConfig):
@@ -307,13 +357,23 @@ def _stats_row(shard_id: str, value_id: str, state) -> dict:
         return {"shard": shard_id, "value_id": value_id, "status": status,
                 "planned": s["planned"], "kept": s["kept"], "rejected": s["rejected"],
                 "seconds": s["seconds"], "images_per_s": s.get("images_per_s"), "error": ""}
+    user_error = False
     try:
         state.result()
         error = state.message or "failed"
+    except LivoError as e:   # bad input (a model that does not load, ...): the message is the user's line
+        error, user_error = str(e), True
+    except OSError as e:
+        if e.errno in _DISK_ERRNOS:   # a full or read-only disk: stop the run with that one line
+            from flows.console import os_error_line
+
+            error, user_error = os_error_line(e), True
+        else:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     except Exception as e:  # the task's exception, as the reason for the report
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
     return {"shard": shard_id, "value_id": value_id, "status": "failed", "planned": None, "kept": 0,
-            "rejected": {}, "seconds": None, "images_per_s": None, "error": error}
+            "rejected": {}, "seconds": None, "images_per_s": None, "error": error, "user_error": user_error}
 
 
 def write_stats(run: Path, rows: list[dict]) -> dict:
@@ -326,6 +386,7 @@ def write_stats(run: Path, rows: list[dict]) -> dict:
     summary = {"run_dir": str(run), "shards": len(rows), "shards_complete": len(done),
                "shards_failed": len(rows) - len(done), "kept": sum(r["kept"] for r in done),
                "rejected": dict(sorted(reasons.items())), "planned": sum(r["planned"] or 0 for r in done)}
+    rows = [{k: v for k, v in r.items() if k != "user_error"} for r in rows]
     atomic_write_text(run / "stats.json", json.dumps({"summary": summary, "shards": rows}, indent=1))
 
     table = [{"shard": r["shard"], "status": r["status"], "kept": r["kept"],

@@ -37,18 +37,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
-from livo_core.config import RunConfig
+from livo_core.config import RunConfig, StrictModel, load_settings
 from livo_core.errors import LivoError
 from livo_core.registry import MetricRule, ModelRegistry, PromotionRule, promote_if_not_worse
 from livo_core.train import TrainConfig
 
 
 # --------------------------------------------------------------------------- config
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+_Strict = StrictModel
 
 
 class HeldoutSettings(_Strict):
@@ -88,17 +87,7 @@ class NightlyConfig(_Strict):
 
 def load_nightly_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> NightlyConfig:
     """Config file (optional .toml/.yaml/.json) + dotted overrides -> NightlyConfig, or a LivoError naming the field."""
-    from livo_core.config import _read_file, _set_dotted  # the run config's reader: same formats, same errors
-    from livo_core.train import _format_validation_error
-
-    data = _read_file(Path(path)) if path else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
-    try:
-        return NightlyConfig.model_validate(data)
-    except ValidationError as e:
-        raise LivoError(_format_validation_error(e, "nightly config")) from None
+    return load_settings(NightlyConfig, path, overrides, "nightly config")
 
 
 # --------------------------------------------------------------------------- plain steps (no Prefect)
@@ -111,7 +100,7 @@ def _sha(data: bytes | str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from livo_core.shards import atomic_write_text
+    from livo_core.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
@@ -161,7 +150,7 @@ def update_principles(root: Path, cfg: NightlyConfig, previous_hash: str | None)
     if proposed:
         raw = yaml.safe_load(living.read_text(encoding="utf-8"))
         raw["values"] += [p.model_dump(mode="json") for p in proposed]
-        from livo_core.shards import atomic_write_text
+        from livo_core.files import atomic_write_text
 
         atomic_write_text(living, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     return living, policy_hash, [p.id for p in proposed]
@@ -196,18 +185,19 @@ def heldout_dataset_config(cfg: NightlyConfig, run_dir: Path) -> RunConfig:
 def dataset_lineage(run_dir: Path) -> dict:
     """A dataset run as lineage: where, which config (hash), which complete shards."""
     from flows.dataset import read_run_config
-    from livo_core.shards import complete_shards
+    from livo_core.shards import complete_shard_ids
 
     return {"run_dir": str(run_dir), "config_hash": read_run_config(run_dir).config_hash(),
-            "shards": [p.stem for p in complete_shards(run_dir)]}
+            "shards": complete_shard_ids(run_dir)}
 
 
 def heldout_metrics(encoders: dict[str, Path], heldout_dirs: list[Path], base_model: str, train_cfg: TrainConfig,
                     settings: HeldoutSettings, cache_dir: Path) -> dict[str, dict[str, float]]:
     """Score each value encoder on the held-out pairs: {label: metrics}. Lower loss / higher accuracy is better.
 
-    Every encoder sees the same pairs, noise and timesteps (the generator is re-seeded per encoder), so the
-    numbers differ only because the encoders do. Metrics, averaged over pairs x `repeats` noise draws:
+    Every encoder sees the same pairs, noise and timesteps (`livo_core.train.preference_metrics` with one
+    seed), so the numbers differ only because the encoders do. Metrics, averaged over pairs x `repeats`
+    noise draws:
       heldout_loss               the training loss (LiVO hinges, or DPO) on held-out pairs
       heldout_pref_acc           share where the value token helps the aligned image more than the violating
                                  one: (theta_w - ref_w) < (theta_l - ref_l)
@@ -217,43 +207,24 @@ def heldout_metrics(encoders: dict[str, Path], heldout_dirs: list[Path], base_mo
     import torch
 
     from livo_core.encoder import ValueEncoder
-    from livo_core.loss import dpo_loss_terms, livo_loss_terms
     from livo_core.models import resolve_device
-    from livo_core.shards import read_shards
-    from livo_core.train import denoising_errors, get_batch, load_sd_parts, model_key, precompute
+    from livo_core.train import load_sd_parts, load_training_data, preference_metrics
 
-    df, problems = read_shards(heldout_dirs)
-    if len(df) == 0:
-        raise LivoError(f"the held-out set {', '.join(map(str, heldout_dirs))} has no kept pairs ({'; '.join(problems) or 'all rejected'}): "
-                        "give heldout.prompts_per_value more prompts or another heldout.seed")
     device = resolve_device(train_cfg.device)
+    cfg = train_cfg.model_copy(update={"base_model": base_model, "random_flip": False, "latent_sampling": "mean"})
     sd = load_sd_parts(base_model)
-    data = precompute(df, sd, cache_dir, model_key(base_model, torch.float32, train_cfg.resolution),
-                      train_cfg.resolution, device, torch.float32)
+    try:
+        data = load_training_data(heldout_dirs, sd, cfg, cache_dir, device, torch.float32, progress=False)
+    except LivoError as e:
+        raise LivoError(f"the held-out set {', '.join(map(str, heldout_dirs))} is not usable ({e}); give "
+                        "heldout.prompts_per_value more prompts or another heldout.seed") from None
     unet = sd.unet.to(device)
     out = {}
     for label, folder in encoders.items():
         encoder = ValueEncoder.from_pretrained(folder).to(device).eval()
-        generator = torch.Generator().manual_seed(settings.eval_seed)  # the same draws for every encoder
-        sums = {"loss": 0.0, "gap_w": 0.0, "gap_l": 0.0, "share_past_margin": 0.0}
-        wins = n = 0
-        with torch.no_grad():
-            for _ in range(settings.repeats):
-                for start in range(0, len(data), settings.batch_size):
-                    batch = get_batch(data, range(start, min(start + settings.batch_size, len(data)))).to(device)
-                    theta_w, ref_w, theta_l, ref_l, _ = denoising_errors(encoder, unet, sd.noise_scheduler, batch, generator)
-                    if train_cfg.loss == "dpo":
-                        terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=train_cfg.beta_dpo)
-                    else:
-                        terms = livo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta=train_cfg.beta, alpha=train_cfg.alpha,
-                                                gamma1=train_cfg.gamma1, gamma2=train_cfg.gamma2)
-                    b = len(theta_w)
-                    for k in sums:
-                        sums[k] += float(terms[k]) * b
-                    wins += int(((theta_w - ref_w) < (theta_l - ref_l)).sum())
-                    n += b
-        out[label] = {**{f"heldout_{k}": v / n for k, v in sums.items()}, "heldout_pref_acc": wins / n,
-                      "heldout_pairs": len(data)}
+        m = preference_metrics(encoder, unet, sd.noise_scheduler, data, cfg, repeats=settings.repeats,
+                               seed=settings.eval_seed, batch_size=settings.batch_size, device=device)
+        out[label] = {**{f"heldout_{k}": v for k, v in m.items()}, "heldout_pairs": len(data)}
     return out
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from livo_core.loss import dpo_loss_terms, min_snr_weights
+from livo_core.latents import Batch, get_batch
 from livo_core.train import (
-    LOG_COLUMNS, METRICS, Batch, TrainConfig, TrainResult, base_model_from_data, batch_indices, get_batch,
-    load_sd_parts, model_key, noised_pair, pair_errors, plot_losses, precompute, read_training_pairs,
+    LOG_COLUMNS, METRICS, Sampler, TrainConfig, TrainResult, base_model_from_data, load_sd_parts, load_training_data,
+    loss_terms, noised_pair, pair_errors, plot_losses, training_shards,
 )
 
 log = logging.getLogger("livo.baselines")
@@ -61,12 +61,11 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     every `checkpoint_every` steps (all kept: they are evaluated along training), and out/unet/.
     TrainResult.value_encoder points at out/unet (the trained part).
     """
-    from tqdm.auto import tqdm
-
     from livo_core.models import resolve_device
+    from livo_core.progress import Progress
 
     out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
-    df = read_training_pairs(data_dirs)
+    training_shards(data_dirs)   # no usable data -> LivoError before anything is written
     base_model = cfg.base_model or base_model_from_data(data_dirs)
     cfg = cfg.model_copy(update={"base_model": base_model, "loss": "dpo"})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,9 +74,8 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     sd = load_sd_parts(base_model)
-    data = precompute(df, sd, cfg.cache_dir or out_dir / "cache", model_key(base_model, torch.float32, cfg.resolution),
-                      cfg.resolution, device, torch.float32)
-    del sd.vae, sd.text_encoder
+    data = load_training_data(data_dirs, sd, cfg, cfg.cache_dir or out_dir / "cache", device, torch.float32, progress)
+    sd.vae, sd.text_encoder = None, None
     ref_unet = sd.unet.to(device)                       # frozen reference (requires_grad False, eval)
     unet = copy.deepcopy(ref_unet).requires_grad_(True)  # the policy: every weight trained
     unet.train()
@@ -92,13 +90,12 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     csv_path, png_path = out_dir / "train_log.csv", out_dir / "loss.png"
     csv_path.write_text(",".join(LOG_COLUMNS) + "\n")
     last: dict[str, float] = {}
-    bar = tqdm(total=cfg.max_steps, disable=not progress, desc="train unet-dpo", unit="step")
+    bar = Progress(total=cfg.max_steps, disable=not progress, desc="train unet-dpo", unit="step")
+    sampler = Sampler(len(data), cfg.seed)
     for step in range(1, cfg.max_steps + 1):
-        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, (step - 1) * cfg.batch_size)
-        batch = get_batch(data, idx).to(device)
+        batch = get_batch(data, sampler.batch(cfg.batch_size, (step - 1) * cfg.batch_size)).to(device)
         theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
-        weights = min_snr_weights(t, sd.noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-        terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
+        terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, sd.noise_scheduler, cfg)   # cfg.loss is "dpo"
         terms["loss"].backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)

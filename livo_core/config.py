@@ -14,21 +14,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from livo_core.errors import LivoError
 from livo_core.paths import TOYWORLD_DIR
+from livo_core.secrets import redact, secret_fields
 
 
-class _Strict(BaseModel):
-    # Unknown keys are typos; fail on them instead of silently ignoring a setting.
+class StrictModel(BaseModel):
+    """Base of every livo config: unknown keys are typos, and no field may hold an API key."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        # Runs on the raw input, before any other check, so no later message can echo the key.
+        found = secret_fields(data) if isinstance(data, dict) else []
+        if found:
+            raise LivoError(f"config field '{found[0]}' holds what looks like an API key; keys never go in a config "
+                            "(it would be stored with the run): export it in an environment variable and put that "
+                            "variable's NAME in llm.api_key_env")
+        return data
+
+
+_Strict = StrictModel
 
 
 class LLMConfig(_Strict):
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama). None = OpenAI.")
     model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the key. The key itself is never stored.")
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable holding the key. The key itself is never stored.")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     max_retries: int = Field(2, ge=0, le=10, description="openai client retries on 429/5xx/connection errors.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
@@ -127,23 +143,38 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def parse_override(item: str) -> tuple[str, Any]:
     """`render.steps=10` -> ("render.steps", 10); values are parsed as YAML scalars/lists."""
     if "=" not in item:
-        raise LivoError(f"override {item!r} must look like section.field=value (e.g. render.steps=10)")
+        raise LivoError(redact(f"override {item!r} must look like section.field=value (e.g. render.steps=10)"))
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        where = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise LivoError(redact(f"override {key.strip()!r}: its value {raw!r} is not valid YAML{where}; quote it "
+                               f"(--set '{key.strip()}=\"...\"') or fix the brackets")) from None
 
 
-def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Config file (optional) + dotted overrides -> validated RunConfig, or a LivoError naming the field."""
+def format_validation_error(e: ValidationError, what: str) -> str:
+    """The first problem of a pydantic error as one line naming the field (values redacted, never a key)."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(config)"
+    got = err.get("input")
+    got_s = "" if isinstance(got, (dict, list)) or err.get("type") == "extra_forbidden" else f" (got {got!r})"
+    more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
+    return redact(f"invalid {what} field '{field}': {err['msg']}{got_s}{more}")
+
+
+def load_settings(model: type[BaseModel], path: Path | str | None, overrides: dict[str, Any] | None, what: str):
+    """Config file (optional .toml/.yaml/.json) + dotted overrides -> a validated `model`, or a LivoError naming the field."""
     data = _read_file(Path(path)) if path else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        got = err.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
-        raise LivoError(f"invalid config field '{field}': {err['msg']}{got_s}{more}") from None
+        raise LivoError(format_validation_error(e, what)) from None
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Config file (optional) + dotted overrides -> validated RunConfig, or a LivoError naming the field."""
+    return load_settings(RunConfig, path, overrides, "config")

@@ -66,7 +66,7 @@ class ClipScorer:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         if model.startswith("local-dir:"):
-            _check_local_clip_dir(model)
+            check_local_clip_dir(model)
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained, device=self.device)
@@ -122,12 +122,16 @@ class ClipScorer:
         return torch.softmax(logit_scale * img @ txt.T, dim=-1).numpy()  # (N, L)
 
 
-def _check_local_clip_dir(model: str) -> None:
+def check_local_clip_dir(model: str) -> None:
+    """A `local-dir:` CLIP model must hold open_clip_config.json and weights (a LivoError says which is missing)."""
     # open_clip only warns when a local folder has no weights and then judges with random ones.
     folder = model.removeprefix("local-dir:")
-    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-        raise LivoError(f"CLIP model folder {folder} not found or has no open_clip_config.json: set "
-                        "judge.clip_model to local-dir:<folder with open_clip_config.json and weights>")
+    if not os.path.isdir(folder):
+        raise LivoError(f"judge.clip_model folder {folder} does not exist: point judge.clip_model at "
+                        "local-dir:<open_clip folder> or an open_clip model name")
+    if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        raise LivoError(f"CLIP model folder {folder} has no open_clip_config.json: set judge.clip_model to "
+                        "local-dir:<folder with open_clip_config.json and weights>")
     if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(folder)):
         raise LivoError(f"CLIP model folder {folder} has no weights (.safetensors/.bin/.pth): add "
                         "open_clip_model.safetensors next to open_clip_config.json")

@@ -38,7 +38,8 @@ from PIL import Image, UnidentifiedImageError
 
 from livo_core.errors import LivoError
 from livo_core.paths import data_path
-from livo_core.shards import atomic_write_text, is_complete, make_pair_id, write_shard
+from livo_core.files import atomic_write_text
+from livo_core.shards import is_complete, make_pair_id, write_shard
 from livo_core.values import ValuePrinciple, load_values
 
 PROMPT_SOURCE = "livo-official"

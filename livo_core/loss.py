@@ -34,17 +34,19 @@ def livo_loss_terms(
     loss = mean( relu(gamma1 + beta * (theta_w - ref_w))      # aligned: push theta below ref
                + relu(gamma2 + alpha * (ref_l - theta_l)) )   # violating: push theta above ref
 
-    With weights (B,), e.g. min-SNR weights, each pair's two hinges are scaled by its weight before the
-    mean. Returns loss, hinge_w, hinge_l (batch means), gap_w, gap_l (mean theta - ref), and
+    With weights (B,), e.g. min-SNR weights, each of the four denoising errors is scaled by its pair's
+    weight INSIDE the hinges, as the authors' training code does (theirs multiplies every MSE by the weight
+    before the hinge): the gaps become w * (theta - ref), the margins stay. Returns loss, hinge_w, hinge_l
+    (batch means), gap_w, gap_l (mean theta - ref, weighted when weights are given), and
     share_past_margin (share of pairs whose two hinges are both zero).
     """
     gap_w = theta_w - ref_w  # (B,)
     gap_l = theta_l - ref_l  # (B,)
+    if weights is not None:
+        gap_w, gap_l = weights * gap_w, weights * gap_l
     hinge_w = F.relu(gamma1 + beta * gap_w)  # (B,)
     hinge_l = F.relu(gamma2 - alpha * gap_l)  # (B,) == relu(gamma2 + alpha * (ref_l - theta_l))
     per_pair = hinge_w + hinge_l
-    if weights is not None:
-        per_pair = per_pair * weights
     past = (hinge_w == 0) & (hinge_l == 0)
     return {
         "loss": per_pair.mean(),
@@ -81,17 +83,18 @@ def dpo_loss_terms(
     One logistic term on the *difference* of the two gaps, no margins: it only asks w to gain relative
     to l. 5000 is Diffusion-DPO's beta for SD 1.5. hinge_w / hinge_l are reported as 0 (no hinges);
     share_past_margin is the share of pairs whose implicit reward favours w (the DPO "accuracy").
+    Weights (B,) scale the errors, as in `livo_loss_terms`.
     """
     gap_w = theta_w - ref_w  # (B,)
     gap_l = theta_l - ref_l  # (B,)
+    if weights is not None:
+        gap_w, gap_l = weights * gap_w, weights * gap_l
     inside = -0.5 * beta_dpo * (gap_w - gap_l)  # (B,)
     # Same value, but no gradient from pairs past inside = 50: theirs is below e^-50 and, once back-propagated
     # through the UNet, lands in denormal floats, which x86 CPUs compute several times slower (the toy world's
     # DPO-encoder ran 800 steps in 240 s vs LiVO's 155 s; with this, 192 vs 199 ms/step) for nothing float32 keeps.
     inside = torch.where(inside > SATURATED, inside.detach(), inside)
     per_pair = -F.logsigmoid(inside)
-    if weights is not None:
-        per_pair = per_pair * weights
     zero = torch.zeros((), device=theta_w.device)
     return {
         "loss": per_pair.mean(),

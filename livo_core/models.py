@@ -125,10 +125,21 @@ def build_tiny_clip(folder: Path, config: str = "tiny-clip", seed: int = 0) -> s
 
 # --------------------------------------------------------------------------- loading for real runs
 def check_model_source(name: str, what: str = "base_model") -> None:
-    """Fail early, with the fix, when a local model folder is missing (hub ids pass through)."""
-    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_hub_id(name)
-    if looks_local and not Path(name).expanduser().exists():
+    """Fail early, with the fix, when a local model folder is missing or is not a diffusers Stable Diffusion
+    folder (hub ids pass through: they are checked when loaded)."""
+    folder = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_hub_id(name) or folder.is_dir()
+    if not looks_local:
+        return
+    if not folder.exists():
         raise LivoError(f"{what} folder {name} does not exist: point {what} at a diffusers model folder or a hub id")
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        raise LivoError(f"{what} {name} is not a diffusers Stable Diffusion folder (no model_index.json): point {what} "
+                        "at a folder saved by StableDiffusionPipeline.save_pretrained (unet/, vae/, text_encoder/, ...)")
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
+    if missing:
+        raise LivoError(f"{what} folder {name} lacks {', '.join(missing)}/: it is not a complete Stable Diffusion "
+                        "pipeline folder; save it again with StableDiffusionPipeline.save_pretrained")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -140,6 +151,9 @@ def load_sd_pipeline(name: str, device: str = "auto", dtype: str = "auto"):
     """StableDiffusionPipeline from a local folder or hub id, on the resolved device and dtype."""
     from diffusers import StableDiffusionPipeline
 
+    from livo_core.progress import silence_library_progress
+
+    silence_library_progress()
     check_model_source(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from livo_core.errors import LivoError
-from livo_core.shards import atomic_write_text
+from livo_core.files import atomic_write_text
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 

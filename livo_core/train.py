@@ -10,13 +10,19 @@ One training step, for a batch of B pairs (aligned image w, violating image l, p
     loss            livo_loss(theta_w, ref_w, theta_l, ref_l) on per-sample denoising MSEs
 
 Everything that does not depend on the value encoder is computed once before training and cached on disk,
-keyed by image hash + model: VAE latents of every image and SD's prompt embeddings of every caption.
+one piece per data shard (livo_core.latents): VAE latents of its images and SD's prompt embeddings of its
+captions, memory-mapped while training, so memory is bounded by a batch, not by the dataset.
 
-    out/train_log.csv, out/train_log.jsonl   one row per step: loss, hinges, gaps, share past margin, lr
+    out/train_log.csv, out/train_log.jsonl   one row per step (exactly once, also across kills and resumes):
+                                             loss, hinges, gaps, share past margin, preference accuracy, lr
     out/loss.png                             loss and gaps over steps
     out/checkpoints/step-000500/             value encoder, optimizer, lr scheduler, RNG states, data position
     out/value_encoder/                       the final value encoder (a transformers CLIPTextModel folder)
-    out/train_config.json                    the resolved config (base model filled in)
+    out/train_config.json                    the resolved config (base model filled in) and the data it reads
+    out/.lock                                held while training: one trainer per output folder
+
+An output folder belongs to one training run: its config and data (`run_identity`) are recorded in
+train_config.json, and another run is refused there unless `overwrite=True`.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,24 +42,25 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from livo_core.encoder import ValueEncoder, encode_prompts, prepend_value_token, text_length, tokenize, value_text
+from livo_core.config import StrictModel, load_settings
+from livo_core.encoder import ValueEncoder, prepend_value_token
 from livo_core.errors import LivoError
+from livo_core.faults import kill_point
+from livo_core.files import atomic_write_text, clean_tmp_files, tmp_path
+from livo_core.latents import Batch, PairData, get_batch, model_key, prepare_pairs
 from livo_core.loss import dpo_loss_terms, livo_loss_terms, min_snr_weights
 
 log = logging.getLogger("livo.train")
 
-METRICS = ["loss", "hinge_w", "hinge_l", "gap_w", "gap_l", "share_past_margin"]
+METRICS = ["loss", "hinge_w", "hinge_l", "gap_w", "gap_l", "share_past_margin", "pref_acc"]
 LOG_COLUMNS = ["step", *METRICS, "lr"]
 
 
 # --------------------------------------------------------------------------- config
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """Training settings. Defaults are the paper's published run (SD 1.5, one GPU)."""
-
-    # Unknown keys are typos; fail on them instead of silently ignoring a setting.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     base_model: str | None = Field(None, description="Stable Diffusion 1.x folder or hub id. None = the base_model in the dataset run's config.json.")
     loss: Literal["livo", "dpo"] = Field("livo", description="livo = the paper's two hinge terms; dpo = Diffusion-DPO's sigmoid loss (baseline).")
@@ -62,7 +69,7 @@ class TrainConfig(BaseModel):
     gamma1: float = Field(1.0, ge=0, description="LiVO: margin of the aligned-image hinge.")
     gamma2: float = Field(0.5, ge=0, description="LiVO: margin of the violating-image hinge.")
     beta_dpo: float = Field(5000.0, gt=0, description="DPO: KL strength (Diffusion-DPO uses 5000 for SD 1.5).")
-    min_snr_gamma: float | None = Field(None, gt=0, description="Weight each pair by min-SNR-gamma of its timestep (e.g. 5); None = no weighting.")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Weight each denoising error by min-SNR-gamma of its timestep (e.g. 5), inside the hinges as the authors' code; None = no weighting.")
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (1e-6 for SD 1.5; tiny test models need ~1e-4).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
@@ -84,29 +91,16 @@ class TrainConfig(BaseModel):
     cache_dir: Path | None = Field(None, description="Where cached latents/embeddings live (shareable between runs); None = <out>/cache.")
     init_value_encoder: Path | None = Field(None, description="Start from this value encoder folder (warm start, e.g. an earlier run's value_encoder/); None = a copy of SD's text encoder, as in the paper.")
     prepend_value_token: bool = Field(True, description="False = control run: the theta pass gets no value token, so theta == ref and nothing is learned.")
-
-
-def _format_validation_error(e: ValidationError, what: str) -> str:
-    err = e.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "(config)"
-    got = err.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
-    return f"invalid {what} field '{field}': {err['msg']}{got_s}{more}"
+    latent_sampling: Literal["mean", "sample"] = Field("mean", description="mean = the VAE posterior mean, cached once (deterministic); sample = mean + std * noise drawn every step, as the authors' latent_dist.sample().")
+    random_flip: bool = Field(False, description="Mirror each image left-right with probability 1/2 per step, aligned and violating independently (the authors' --random_flip); caches both views.")
+    resample_violating: bool = Field(False, description="Pair each aligned image with the violating image of a random pair of its group each step (data imported with `livo import-livo-data`: a scene), as the authors' dataset does.")
+    verify_cache: bool = Field(True, description="Check every cached piece's sha256 before training (reads the whole cache once); False checks sizes only.")
+    encode_batch_size: int = Field(16, ge=1, description="Images per VAE call while filling the cache.")
 
 
 def load_train_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Training config file (optional .toml/.yaml/.json) + overrides -> TrainConfig, or a LivoError naming the field."""
-    from livo_core.config import _read_file, _set_dotted  # the run config's reader: same formats, same errors
-
-    data = _read_file(Path(path)) if path else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise LivoError(_format_validation_error(e, "training config")) from None
+    return load_settings(TrainConfig, path, overrides, "training config")
 
 
 # --------------------------------------------------------------------------- models
@@ -127,7 +121,9 @@ def load_sd_parts(base_model: str, dtype: torch.dtype = torch.float32) -> SDPart
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from livo_core.models import check_model_source
+    from livo_core.progress import silence_library_progress
 
+    silence_library_progress()
     check_model_source(base_model)
     try:
         parts = SDParts(
@@ -162,178 +158,75 @@ def base_model_from_data(data_dirs: list[Path]) -> str:
     raise LivoError(f"the dataset runs were made with different base models ({found}): set base_model in the training config")
 
 
+def training_shards(data_dirs: list[Path]):
+    """The complete shards of `data_dirs` that training can use; every skipped one is logged by name.
+
+    Cheap checks here (marker, file, size); each shard's bytes are checked against its sha256 when its
+    latents are cached (a shard already cached is trained on from its verified cache piece).
+    """
+    from livo_core.shards import list_shards
+
+    resolved = [Path(d).resolve() for d in data_dirs]
+    if len(set(resolved)) != len(resolved):
+        repeated = sorted({str(d) for d in resolved if resolved.count(d) > 1})
+        raise LivoError(f"--data {', '.join(repeated)} is given more than once: every pair would be trained on twice; "
+                        "give each dataset run once")
+    shards, problems = list_shards(data_dirs, verify=False)
+    for p in problems:
+        log.warning("skipping %s", p)
+    if not any(s.rows for s in shards):
+        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
+    return shards
+
+
 def read_training_pairs(data_dirs: list[Path]):
-    """All pairs of the complete shards in `data_dirs`; every skipped shard is logged by name."""
+    """All pairs of the complete shards in `data_dirs` as one DataFrame (small data only: reports, baselines'
+    bookkeeping). Training itself streams shard by shard (`training_shards` + `latents.prepare_pairs`)."""
     from livo_core.shards import read_shards
 
+    training_shards(data_dirs)
     df, problems = read_shards(data_dirs)
     for p in problems:
         log.warning("skipping %s", p)
-    if len(df) == 0:
-        raise LivoError(f"no complete shards with pairs in {', '.join(map(str, data_dirs))}: build data with `livo dataset` first")
     return df
 
 
-# --------------------------------------------------------------------------- the cache
-@dataclass
-class PairData:
-    """Every pair, precomputed once. N pairs, U distinct captions, L text tokens, D text width."""
-
-    latents_w: torch.Tensor        # (N, 4, h, w) aligned-image latents, scaled like SD's
-    latents_l: torch.Tensor        # (N, 4, h, w) violating-image latents
-    caption_index: torch.Tensor    # (N,) row of prompt_embeds for each pair
-    prompt_embeds: torch.Tensor    # (U, L, D) SD's frozen prompt embeddings
-    value_ids: torch.Tensor        # (N, L) token ids of "<principle>, <prompt>"
-    pair_ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.pair_ids)
-
-
-@dataclass
-class Batch:
-    latents_w: torch.Tensor        # (B, 4, h, w)
-    latents_l: torch.Tensor        # (B, 4, h, w)
-    prompt_embeds: torch.Tensor    # (B, L, D)
-    value_ids: torch.Tensor        # (B, L)
-
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.latents_w, self.latents_l, self.prompt_embeds, self.value_ids)))
-
-
-def get_batch(data: PairData, indices) -> Batch:
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-    return Batch(data.latents_w[idx], data.latents_l[idx], data.prompt_embeds[data.caption_index[idx]], data.value_ids[idx])
-
-
-def _sha(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def model_key(base_model: str, dtype: torch.dtype, resolution: int | None) -> str:
-    """Names the cache: same model weights + dtype + resolution -> same latents and embeddings."""
-    fingerprint = []
-    folder = Path(base_model).expanduser()
-    if folder.is_dir():  # a local folder can be rebuilt under the same name: include its weight files' stats
-        for sub in ("vae", "text_encoder"):
-            for f in sorted((folder / sub).glob("*")):
-                st = f.stat()
-                fingerprint.append([f"{sub}/{f.name}", st.st_size, st.st_mtime_ns])
-        base_model = str(folder.resolve())
-    payload = json.dumps([base_model, str(dtype), resolution, fingerprint])
-    return _sha(payload)[:16]
-
-
-def _load_cache(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path)) if path.is_file() else {}
-
-
-def _save_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)  # atomic: a killed run leaves the old cache, never half of one
-
-
-def _image_tensor(png: bytes, resolution: int | None):
-    """PNG/JPEG bytes -> (3, H, W) in [-1, 1], as SD's VAE expects."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    if resolution is not None:  # shorter side to `resolution`, then centre crop (diffusers' training scripts)
-        scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3)
-    return x.permute(2, 0, 1)
-
-
-@torch.no_grad()
-def encode_images(vae, images: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
-    """(3, H, W) images -> latents (N, 4, H/8, W/8): the VAE posterior mean, scaled like SD's pipeline.
-
-    The mean, not a sample: deterministic, so a cached latent is the same latent every time.
-    """
-    out = []
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    for i in range(0, len(images), batch_size):
-        x = torch.stack(images[i:i + batch_size]).to(vae.device, vae.dtype)
-        mean = vae.encode(x).latent_dist.mean
-        out.append(((mean - shift) * vae.config.scaling_factor).cpu())
-    return torch.cat(out)
-
-
-def precompute(df, sd: SDParts, cache_dir: Path, key: str, resolution: int | None, device, dtype) -> PairData:
-    """Latents of every image and prompt embeddings of every caption, from the disk cache or computed now.
-
-    Only what the cache lacks is computed (by image hash / caption hash); the cache file is then rewritten.
-    """
-    cache_dir = Path(cache_dir) / key
-    lat_file, txt_file = cache_dir / "latents.safetensors", cache_dir / "prompt_embeds.safetensors"
-    latents, embeds = _load_cache(lat_file), _load_cache(txt_file)
-
-    hashes_w = [_sha(b) for b in df["jpg_0"]]
-    hashes_l = [_sha(b) for b in df["jpg_1"]]
-    missing: dict[str, bytes] = {}
-    for h, b in zip(hashes_w + hashes_l, list(df["jpg_0"]) + list(df["jpg_1"])):
-        if h not in latents:
-            missing[h] = b
-    if missing:
-        t0 = time.perf_counter()
-        images = [_image_tensor(b, resolution) for b in missing.values()]
-        sizes = sorted({tuple(x.shape[1:]) for x in images})
-        if len(sizes) > 1:
-            raise LivoError(f"the images have different sizes {sizes}: set resolution (e.g. resolution=512) in the training config")
-        sd.vae.to(device)
-        new = encode_images(sd.vae, images)
-        latents.update(zip(missing.keys(), new))
-        _save_cache(lat_file, latents)
-        log.info("encoded %d images with the VAE in %.1f s (cache %s)", len(missing), time.perf_counter() - t0, lat_file)
-
-    captions = list(dict.fromkeys(df["caption"]))  # distinct, in order
-    todo = [c for c in captions if _sha(c) not in embeds]
-    if todo:
-        sd.text_encoder.to(device, dtype)
-        for i in range(0, len(todo), 64):
-            chunk = todo[i:i + 64]
-            embeds.update(zip(map(_sha, chunk), encode_prompts(sd.text_encoder, sd.tokenizer, chunk).cpu()))
-        _save_cache(txt_file, embeds)
-        log.info("encoded %d captions with the text encoder (cache %s)", len(todo), txt_file)
-
-    shapes = {tuple(latents[h].shape) for h in hashes_w + hashes_l}
-    if len(shapes) > 1:  # images cached earlier at another size
-        raise LivoError(f"the images' latents have different sizes {sorted(shapes)}: set resolution (e.g. resolution=512) in the training config")
-    row_of = {c: i for i, c in enumerate(captions)}
-    length = text_length(sd.tokenizer, sd.text_encoder)
-    texts = [value_text(v, c) for v, c in zip(df["value"], df["caption"])]
-    value_ids, _ = tokenize(sd.tokenizer, texts, length)
-    return PairData(
-        latents_w=torch.stack([latents[h] for h in hashes_w]),
-        latents_l=torch.stack([latents[h] for h in hashes_l]),
-        caption_index=torch.tensor([row_of[c] for c in df["caption"]]),
-        prompt_embeds=torch.stack([embeds[_sha(c)] for c in captions]),
-        value_ids=value_ids,
-        pair_ids=list(df["pair_id"]),
-    )
+def load_training_data(data_dirs: list[Path], sd: SDParts, cfg: TrainConfig, cache_dir: Path, device, dtype,
+                       progress: bool = True) -> PairData:
+    """The pairs of `data_dirs`, their latents and embeddings cached (only what is missing is computed)."""
+    shards = training_shards(data_dirs)
+    return prepare_pairs(shards, sd, cache_dir, model_key(cfg.base_model, dtype, cfg.resolution), cfg.resolution,
+                         device, dtype, flip=cfg.random_flip, sample=cfg.latent_sampling == "sample",
+                         verify=cfg.verify_cache, encode_batch=cfg.encode_batch_size, progress=progress)
 
 
 # --------------------------------------------------------------------------- one step
+class Sampler:
+    """Pair indices of each batch. The sample stream is epoch after epoch of shuffles of range(n); the whole
+    sampler state is `position`, the number of samples taken so far. One permutation per epoch is kept."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def batch(self, batch_size: int, position: int) -> np.ndarray:
+        out: list[int] = []
+        while len(out) < batch_size:
+            epoch, offset = divmod(position, self.n)
+            take = self._permutation(epoch)[offset:offset + batch_size - len(out)]
+            out.extend(take.tolist())
+            position += len(take)
+        return np.asarray(out)
+
+
 def batch_indices(n: int, batch_size: int, seed: int, position: int) -> np.ndarray:
-    """Pair indices of the next batch. The sample stream is epoch after epoch of shuffles of range(n);
-    `position` counts samples taken so far, so the whole sampler state is one integer."""
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(position, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = perm[offset:offset + batch_size - len(out)]
-        out.extend(take.tolist())
-        position += len(take)
-    return np.asarray(out)
+    """The batch at `position` of the sample stream (see Sampler); a new Sampler each call (tests, one-offs)."""
+    return Sampler(n, seed).batch(batch_size, position)
 
 
 def noised_pair(noise_scheduler, batch: Batch, generator: torch.Generator):
@@ -383,27 +276,61 @@ def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generat
     return (*pair_errors(theta_pred, ref_pred, target), t)
 
 
+def loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The configured loss on per-sample errors, its logged parts, and the batch's preference accuracy."""
+    weights = min_snr_weights(t, noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+    if cfg.loss == "dpo":
+        terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
+    else:
+        terms = livo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta=cfg.beta, alpha=cfg.alpha,
+                                gamma1=cfg.gamma1, gamma2=cfg.gamma2, weights=weights)
+    # Preference accuracy: the value token helps the aligned image more than the violating one.
+    terms["pref_acc"] = ((theta_w - ref_w) < (theta_l - ref_l)).float().mean().detach()
+    return terms
+
+
 def compute_loss(value_encoder, unet, noise_scheduler, batch: Batch, cfg: TrainConfig,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The loss of one batch and its logged parts (see livo_core.loss). No backward here."""
     theta_w, ref_w, theta_l, ref_l, t = denoising_errors(value_encoder, unet, noise_scheduler, batch, generator,
                                                          prepend=cfg.prepend_value_token)
-    weights = min_snr_weights(t, noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-    if cfg.loss == "dpo":
-        return dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
-    return livo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta=cfg.beta, alpha=cfg.alpha,
-                           gamma1=cfg.gamma1, gamma2=cfg.gamma2, weights=weights)
+    return loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
+
+
+@torch.no_grad()
+def preference_metrics(encoder, unet, noise_scheduler, data: PairData, cfg: TrainConfig, repeats: int = 4,
+                       seed: int = 0, batch_size: int = 16, device="cpu") -> dict[str, float]:
+    """Score a value encoder on pairs with fixed noise draws (the same for every encoder scored with `seed`).
+
+    Averaged over pairs x `repeats` draws: loss (the configured loss), pref_acc (share where the value token
+    helps the aligned image more than the violating one), gap_w / gap_l (mean theta - ref, want < 0 / > 0),
+    share_past_margin. Used at the start and end of training and by the nightly's held-out comparison.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sums = {"loss": 0.0, "gap_w": 0.0, "gap_l": 0.0, "share_past_margin": 0.0, "pref_acc": 0.0}
+    n = 0
+    dtype = next(unet.parameters()).dtype
+    for _ in range(repeats):
+        for start in range(0, len(data), batch_size):
+            batch = get_batch(data, range(start, min(start + batch_size, len(data)))).to(device)
+            batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
+            batch.prompt_embeds = batch.prompt_embeds.to(dtype)
+            theta_w, ref_w, theta_l, ref_l, t = denoising_errors(encoder, unet, noise_scheduler, batch, generator)
+            terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
+            b = len(theta_w)
+            for k in sums:
+                sums[k] += float(terms[k]) * b
+            n += b
+    return {k: v / n for k, v in sums.items()}
 
 
 # --------------------------------------------------------------------------- checkpoints and logs
-def find_checkpoint(out_dir: Path, resume: str | Path) -> Path:
-    """'latest' -> newest complete checkpoint under out/checkpoints; otherwise the given folder."""
+def find_checkpoint(out_dir: Path, resume: str | Path) -> Path | None:
+    """'latest' -> newest complete checkpoint under out/checkpoints (None: none yet); otherwise the given folder."""
     if str(resume) == "latest":
         found = sorted((Path(out_dir) / "checkpoints").glob("step-*[0-9]"))
         found = [c for c in found if (c / "state.json").is_file()]
-        if not found:
-            raise LivoError(f"resume=latest but {Path(out_dir) / 'checkpoints'} holds no checkpoint: drop --resume to start fresh")
-        return found[-1]
+        return found[-1] if found else None
     ckpt = Path(resume)
     if not (ckpt / "state.json").is_file():
         raise LivoError(f"{ckpt} is not a livo checkpoint (no state.json): pass 'latest' or a checkpoints/step-NNNNNN folder")
@@ -449,15 +376,86 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     return png_path
 
 
+def _log_step(line: str) -> int | None:
+    """The step of a CSV log line, None for a line a kill cut short."""
+    head = line.split(",", 1)[0]
+    return int(head) if head.isdigit() and line.endswith("\n") and line.count(",") == len(LOG_COLUMNS) - 1 else None
+
+
 def _truncate_logs(out_dir: Path, step: int) -> None:
-    """On resume, drop log rows past the checkpoint (the killed run may have logged a few more)."""
+    """On resume, keep exactly the log rows 1..step (a killed run may have logged more, or half a row).
+
+    Each file is rewritten atomically: a kill during the rewrite leaves the old file, never an empty one.
+    """
     csv_path, jsonl_path = out_dir / "train_log.csv", out_dir / "train_log.jsonl"
     if csv_path.is_file():
         lines = csv_path.read_text().splitlines(keepends=True)
-        csv_path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= step]))
+        rows = {}
+        for ln in lines[1:]:
+            s = _log_step(ln)
+            if s is not None and s <= step:
+                rows[s] = ln     # a step logged twice (a pre-fix run) keeps its last row
+        atomic_write_text(csv_path, ",".join(LOG_COLUMNS) + "\n" + "".join(rows[k] for k in sorted(rows)))
     if jsonl_path.is_file():
-        rows = [ln for ln in jsonl_path.read_text().splitlines(keepends=True) if json.loads(ln)["step"] <= step]
-        jsonl_path.write_text("".join(rows))
+        rows = {}
+        for ln in jsonl_path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if row.get("step", step + 1) <= step:
+                rows[row["step"]] = ln + "\n"
+        atomic_write_text(jsonl_path, "".join(rows[k] for k in sorted(rows)))
+
+
+# Fields that only say how long to train, how often to write and how to check: changing them does not
+# make a different training run, so `--resume latest` may change them (e.g. train longer).
+BOOKKEEPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "verify_cache", "encode_batch_size"}
+
+
+def run_identity(cfg: TrainConfig, data_dirs: list[Path]) -> str:
+    """What makes a training run: its config (minus bookkeeping) and the dataset runs it reads."""
+    payload = {"config": cfg.model_dump(mode="json", exclude=BOOKKEEPING | {"cache_dir"}),
+               "data": sorted(str(Path(d).resolve()) for d in data_dirs)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_out_dir(out_dir: Path, cfg: TrainConfig, data_dirs: list[Path], resume: str | None, overwrite: bool) -> None:
+    """An output folder belongs to one training run: refuse another one there (see the module docstring).
+
+    Fine: a new or empty folder; `--resume` with the same run; `overwrite` (the old run is removed, the
+    cache kept). Writes nothing.
+    """
+    from livo_core.files import check_writable
+
+    check_writable(out_dir, "--out")
+    if not out_dir.is_dir() or overwrite:
+        return
+    entries = [p for p in out_dir.iterdir() if p.name not in (".lock", "cache")]
+    if not entries:
+        return
+    record = out_dir / "train_config.json"
+    try:
+        old = json.loads(record.read_text()).get("run_identity")
+    except (OSError, ValueError):
+        old = None
+    mine = run_identity(cfg, data_dirs)
+    again = f"pass --resume latest to continue it, or --overwrite to start over there (its checkpoints and logs are deleted)"
+    if old is None:
+        raise LivoError(f"--out {out_dir} is not empty and holds no livo training run: choose a new folder, or {again.split(', or ')[1]}")
+    if old != mine:
+        raise LivoError(f"--out {out_dir} holds another training run (other config or data): choose a new folder, "
+                        "or pass --overwrite to replace it")
+    if not resume:
+        raise LivoError(f"--out {out_dir} holds this training run already: {again}")
+
+
+def _clear_out_dir(out_dir: Path) -> None:
+    """--overwrite: remove an earlier run's outputs (checkpoints, logs, encoder); the shareable cache stays."""
+    for p in out_dir.iterdir():
+        if p.name in (".lock", "cache"):
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 @dataclass
@@ -468,17 +466,24 @@ class TrainResult:
     value_encoder: Path             # out/value_encoder
     loss_plot: Path                 # out/loss.png
     log_csv: Path                   # out/train_log.csv
+    preference: dict[str, dict[str, float]] | None = None   # {"before", "after"}: preference_metrics on the training pairs
 
 
 # --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
-          resume: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Train a value encoder on livo dataset runs; write logs, checkpoints and out/value_encoder/."""
+def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path, resume: str | Path | None = None,
+          progress: bool = True, overwrite: bool = False, measure_preference: bool = False) -> TrainResult:
+    """Train a value encoder on livo dataset runs; write logs, checkpoints and out/value_encoder/.
+
+    resume: "latest" (the newest checkpoint; none yet = start at step 0) or a checkpoint folder.
+    overwrite: replace another training run's outputs in out_dir. measure_preference: score the encoder on
+    (up to 256 of) the training pairs with fixed noise before and after training (TrainResult.preference).
+    """
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
+    from livo_core.lock import RunLock
     from livo_core.models import resolve_device
+    from livo_core.progress import Progress
 
     out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
     device = resolve_device(cfg.device)
@@ -487,22 +492,42 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)  # frozen models' dtype
     main = accelerator.is_main_process
 
-    df = read_training_pairs(data_dirs)
+    shards = training_shards(data_dirs)   # bad data -> LivoError before anything is written
     base_model = cfg.base_model or base_model_from_data(data_dirs)
-    other = sorted(set(df["base_model"].dropna()) - {base_model})
-    if other:
-        log.warning("the images were rendered by %s but training uses %s", other, base_model)
     cfg = cfg.model_copy(update={"base_model": base_model})
-
-    ckpt = find_checkpoint(out_dir, resume) if resume else None
-    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {"step": 0, "samples_seen": 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+        check_out_dir(out_dir, cfg, data_dirs, str(resume) if resume else None, overwrite)
+    lock = RunLock(out_dir, purpose="livo train", timeout_s=0) if main else None   # one trainer per output folder
+    if lock:
+        lock.acquire()
+    try:
+        return _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure_preference,
+                      accelerator, device, dtype, get_scheduler, Progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure_preference, accelerator, device,
+           dtype, get_scheduler, Progress) -> TrainResult:
+    main = accelerator.is_main_process
+    if main:
+        if overwrite:
+            _clear_out_dir(out_dir)
+        clean_tmp_files(out_dir / "checkpoints", recursive=False)   # a kill mid-checkpoint leaves its temporary
+    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    if resume and ckpt is None:
+        log.info("no checkpoint in %s yet: starting at step 0", out_dir / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {"step": 0, "samples_seen": 0}
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "train_config.json", json.dumps(
+            {**cfg.model_dump(mode="json"), "data_dirs": [str(d) for d in data_dirs],
+             "run_identity": run_identity(cfg, data_dirs)}, indent=2))
 
     # Models: SD frozen in `dtype`; the value encoder a trainable fp32 copy of SD's text encoder.
     torch.manual_seed(cfg.seed)
-    sd = load_sd_parts(base_model, dtype)
+    sd = load_sd_parts(cfg.base_model, dtype)
     if ckpt or cfg.init_value_encoder:
         value_encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float()  # fp32: AdamW on fp16 weights NaNs
     else:
@@ -510,10 +535,9 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
     value_encoder.train()
     cache_dir = cfg.cache_dir or out_dir / "cache"
     with accelerator.main_process_first():  # the main process fills the cache; the others then read it
-        data = precompute(df, sd, cache_dir, model_key(base_model, dtype, cfg.resolution), cfg.resolution,
-                          accelerator.device, dtype)
-    del sd.vae, sd.text_encoder  # not needed in the loop
-    log.info("%d pairs, latents %s, %d distinct captions", len(data), tuple(data.latents_w.shape[1:]), data.prompt_embeds.shape[0])
+        data = load_training_data(data_dirs, sd, cfg, cache_dir, accelerator.device, dtype, progress=progress and main)
+    sd.vae, sd.text_encoder = None, None   # not needed in the loop
+    log.info("%d pairs, latents %s", len(data), data.latent_shape)
     unet = sd.unet.to(accelerator.device)
     if cfg.gradient_checkpointing:
         # Gradients flow through the frozen UNet to the value token, so its activations are what fill memory.
@@ -533,60 +557,98 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path,
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False), generator)
-        if main:
-            _truncate_logs(out_dir, state["step"])
         log.info("resumed from %s (step %d)", ckpt, state["step"])
-
     step, samples_seen = state["step"], state["samples_seen"]
     csv_path, jsonl_path, png_path = out_dir / "train_log.csv", out_dir / "train_log.jsonl", out_dir / "loss.png"
-    if main and not csv_path.is_file():
-        csv_path.write_text(",".join(LOG_COLUMNS) + "\n")
+    if main:
+        _truncate_logs(out_dir, step)   # exactly the rows 1..step: a killed run may have logged past its checkpoint
+        if not csv_path.is_file():
+            atomic_write_text(csv_path, ",".join(LOG_COLUMNS) + "\n")
+
+    preference = None
+    scored = None
+    if measure_preference and main:
+        scored = _subset(data, 256)
+        preference = {"before": preference_metrics(accelerator.unwrap_model(value_encoder).eval(), unet, sd.noise_scheduler,
+                                                   scored, cfg, device=accelerator.device)}
+        value_encoder.train()
+
     last: dict[str, float] = {}
     global_batch = cfg.batch_size * accelerator.num_processes
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and main), desc="train", unit="step")
-    while step < cfg.max_steps:
-        # Each process takes its slice of one global batch; the sampler state is `samples_seen`.
-        idx = batch_indices(len(data), global_batch, cfg.seed, samples_seen)
-        idx = idx[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
-        batch = get_batch(data, idx).to(accelerator.device)
-        batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
-        with accelerator.autocast():
-            terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
-        if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
-            accelerator.backward(terms["loss"])
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(value_encoder.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        samples_seen += global_batch
+    sampler = Sampler(len(data), cfg.seed)
+    flip, sample = cfg.random_flip, cfg.latent_sampling == "sample"
+    with Progress(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main)) as bar:
+        while step < cfg.max_steps:
+            # Each process takes its slice of one global batch; the sampler state is `samples_seen`.
+            idx = sampler.batch(global_batch, samples_seen)
+            idx = idx[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
+            batch = get_batch(data, idx, generator, flip=flip, sample=sample,
+                              resample_violating=cfg.resample_violating).to(accelerator.device)
+            batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
+            with accelerator.autocast():
+                terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+            if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
+                accelerator.backward(terms["loss"])
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(value_encoder.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_seen += global_batch
 
-        values = accelerator.reduce(torch.stack([terms[k].detach().float() for k in METRICS]), reduction="mean")
-        last = {"step": step, **dict(zip(METRICS, values.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
-        if main:
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
-            with open(jsonl_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{last['loss']:.4f}", gap_w=f"{last['gap_w']:.2e}", gap_l=f"{last['gap_l']:.2e}")
-            log.debug("step %d %s", step, last)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
-                            generator, cfg)
-    bar.close()
+            values = accelerator.reduce(torch.stack([terms[k].detach().float() for k in METRICS]), reduction="mean")
+            last = {"step": step, **dict(zip(METRICS, values.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+            if main:
+                with open(csv_path, "a", newline="") as f:
+                    csv.writer(f).writerow([repr(last[c]) if isinstance(last[c], float) else last[c] for c in LOG_COLUMNS])
+                with open(jsonl_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                kill_point("train.log")
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", pref_acc=f"{last['pref_acc']:.2f}")
+                log.debug("step %d %s", step, last)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
+                                generator, cfg)
 
     accelerator.wait_for_everyone()
     final = out_dir / "value_encoder"
     if main:
-        accelerator.unwrap_model(value_encoder).save_pretrained(final)
+        save_encoder(accelerator.unwrap_model(value_encoder), final)
         plot_losses(csv_path, png_path)   # once, at the end: the CSV is the live record
         if not last:  # resumed at max_steps: report the last logged row
-            last = json.loads(jsonl_path.read_text().splitlines()[-1])
+            rows = jsonl_path.read_text().splitlines()
+            last = json.loads(rows[-1]) if rows else {}
+        if scored is not None:
+            preference["after"] = preference_metrics(accelerator.unwrap_model(value_encoder).eval(), unet,
+                                                     sd.noise_scheduler, scored, cfg, device=accelerator.device)
     accelerator.end_training()
-    return TrainResult(out_dir, step, last, final, png_path, csv_path)
+    return TrainResult(out_dir, step, last, final, png_path, csv_path, preference)
+
+
+def _subset(data: PairData, n: int) -> PairData:
+    """The first n pairs of a fixed shuffle (a preference estimate that costs the same at any dataset size)."""
+    import dataclasses
+
+    if len(data) <= n:
+        return data
+    keep = np.sort(np.random.default_rng(12345).permutation(len(data))[:n])
+    return dataclasses.replace(data, index=data.index[keep], _maps=data._maps)
+
+
+def save_encoder(value_encoder: ValueEncoder, folder: Path) -> Path:
+    """Write a value encoder folder atomically: a kill leaves the old folder or the new one, never half."""
+    tmp = tmp_path(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    value_encoder.save_pretrained(tmp)
+    old = folder.with_name(f".{folder.name}.old-{tmp.name.rsplit('-', 2)[-2]}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, value_encoder, optimizer,
@@ -594,11 +656,11 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, va
     """Write checkpoints/step-NNNNNN/ via a temporary folder, renamed when complete; keep the newest N."""
     root = out_dir / "checkpoints"
     final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
+    tmp = root / f".step-{step:06d}.tmp-{os.getpid() if accelerator.is_main_process else 0}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    tmp = accelerator_broadcast_path(accelerator, tmp)
     torch.save(_rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         accelerator.unwrap_model(value_encoder).save_pretrained(tmp / "value_encoder")
@@ -610,8 +672,18 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, va
                                                     "config": cfg.model_dump(mode="json")}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        kill_point("train.checkpoint")
         if cfg.keep_checkpoints:
             for old in sorted(root.glob("step-*[0-9]"))[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def accelerator_broadcast_path(accelerator, path: Path) -> Path:
+    """The main process's temporary checkpoint folder, as every process must write into the same one."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    return Path(broadcast_object_list([str(path)])[0])

@@ -132,3 +132,4 @@ def tiny_config(tmp_path, tiny_sd, tiny_clip):
         return config
 
     return make
+

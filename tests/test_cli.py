@@ -18,7 +18,8 @@ import yaml
 from flows.cli import main
 from flows.dataset import prepare_run_dir
 from livo_core.config import RunConfig
-from livo_core.shards import SHARD_COLUMNS, complete_shards, load_plan, read_shards, shard_paths
+from livo_core.shards import SHARD_COLUMNS, complete_shard_ids, complete_shards, load_plan, read_shards, shard_paths
+from helpers import shard_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 # One torch thread in `livo` subprocesses: on 2 cores shared with other jobs, 2 threads ran ~10x slower.
@@ -39,11 +40,7 @@ def snapshot(folder: Path) -> dict[Path, tuple[int, str]]:
 
 def pair_ids(run: Path) -> list[str]:
     """pair_ids of the kept and rejected rows of every complete shard."""
-    ids = []
-    for parquet in complete_shards(run):
-        for path in (parquet, shard_paths(run, parquet.stem)[2]):
-            ids += pq.read_table(path, columns=["pair_id"]).column("pair_id").to_pylist()
-    return ids
+    return [r["pair_id"] for r in shard_rows(run, ["pair_id"])]
 
 
 @pytest.mark.slow
@@ -73,18 +70,18 @@ def test_sigkill_then_resume(prefect_harness, tiny_config, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 400
-        while not complete_shards(run):
+        while not complete_shard_ids(run):
             assert proc.poll() is None, f"livo dataset ended before a shard was complete: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no shard complete after 400 s"
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)   # the run and anything it started, as `kill -9` of a session
         proc.wait()
-    done = [p.stem for p in complete_shards(run)]
+    done = complete_shard_ids(run)
     assert 1 <= len(done) < 8, f"the kill should land mid-run, {len(done)} of 8 shards were complete"
     finished = {}
     for sid in done:
-        for path in shard_paths(run, sid):
+        for path in filter(Path.is_file, shard_paths(run, sid)):
             finished[path] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
 
     result = livo("resume", str(run), api_url=prefect_harness)
@@ -92,7 +89,7 @@ def test_sigkill_then_resume(prefect_harness, tiny_config, tmp_path):
     for path, (mtime, digest) in finished.items():   # byte-identical and not rewritten
         assert (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) == (mtime, digest), path
     planned = {sid for shards in load_plan(run)["values"].values() for sid in shards}
-    assert len(planned) == 8 and {p.stem for p in complete_shards(run)} == planned
+    assert len(planned) == 8 and set(complete_shard_ids(run)) == planned
     assert not list(run.rglob("*.tmp-*"))
     ids = pair_ids(run)
     assert len(ids) == len(set(ids)) == 16

@@ -11,7 +11,8 @@ from openai_server import OpenAIServer
 from flows.dataset import dataset_flow, prepare_run_dir
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
-from livo_core.shards import complete_shards, load_plan, read_shards, shard_paths
+from livo_core.shards import complete_shard_ids, load_plan, read_shards, shard_paths
+from helpers import shard_rows
 
 
 def _planned_ids(run) -> dict[str, set[str]]:
@@ -21,12 +22,7 @@ def _planned_ids(run) -> dict[str, set[str]]:
 
 def _all_pair_ids(run) -> list[str]:
     """pair_ids of kept and rejected rows of every complete shard."""
-    ids = []
-    for parquet in complete_shards(run):
-        ids += pq.read_table(parquet, columns=["pair_id"]).column("pair_id").to_pylist()
-        rejected = shard_paths(run, parquet.stem)[2]
-        ids += pq.read_table(rejected, columns=["pair_id"]).column("pair_id").to_pylist()
-    return ids
+    return [r["pair_id"] for r in shard_rows(run, ["pair_id"])]
 
 
 def test_flow_builds_every_planned_pair_once_and_reruns_touch_nothing(prefect_harness, tiny_config, tmp_path):
@@ -39,12 +35,12 @@ def test_flow_builds_every_planned_pair_once_and_reruns_touch_nothing(prefect_ha
     assert sorted(planned) == ["bloody-inappropriate-00000", "bloody-inappropriate-00001",
                                "gender-equality-00000", "gender-equality-00001"]
     assert [len(planned[s]) for s in sorted(planned)] == [3, 1, 3, 1]
-    assert [p.stem for p in complete_shards(run)] == sorted(planned)
+    assert complete_shard_ids(run) == sorted(planned)
     ids = _all_pair_ids(run)
     assert len(ids) == len(set(ids)) == 8 and set(ids) == set().union(*planned.values())
     assert summary["shards_complete"] == 4 and summary["kept"] + sum(summary["rejected"].values()) == 8
 
-    for name in ("config.json", "plan.json", "stats.json", "stats.md", "pairs/bloody-inappropriate.jsonl",
+    for name in ("config.json", "plan/bloody-inappropriate.value.json", "stats.json", "stats.md", "pairs/bloody-inappropriate.jsonl",
                  "pairs/gender-equality.jsonl"):
         assert (run / name).is_file(), name
     stats = json.loads((run / "stats.json").read_text())
@@ -66,7 +62,7 @@ def test_flow_builds_every_planned_pair_once_and_reruns_touch_nothing(prefect_ha
 
     # A shard deleted by hand is rebuilt, even though Prefect has a cache record for it.
     for path in shard_paths(run, "gender-equality-00001"):
-        path.unlink()
+        path.unlink(missing_ok=True)   # (a shard that kept no pair has no kept file)
     dataset_flow(config=config, run_dir=str(run))
     statuses = {r["shard"]: r["status"] for r in json.loads((run / "stats.json").read_text())["shards"]}
     assert statuses["gender-equality-00001"] == "built"
@@ -84,7 +80,7 @@ def test_a_failing_shard_is_named_and_the_others_finish(prefect_harness, tiny_co
     message = str(err.value)
     assert "1 shard(s) failed" in message and "bloody-inappropriate-00001" in message
     assert "IsADirectoryError" in message and "livo resume" in message and "\n" not in message
-    assert [p.stem for p in complete_shards(run)] == [
+    assert complete_shard_ids(run) == [
         "bloody-inappropriate-00000", "gender-equality-00000", "gender-equality-00001"]
     stats = json.loads((run / "stats.json").read_text())
     assert stats["summary"]["shards_failed"] == 1
@@ -121,8 +117,8 @@ def test_llm_prompt_source_retries_proposes_principles_and_keeps_the_key_secret(
     pairs = [json.loads(line) for line in (run / "pairs" / "bloody-inappropriate.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 and {p["source"] for p in pairs} == {"llm:test-model"}
     assert [v["id"] for v in json.loads((run / "proposed_values.json").read_text())] == ["zombie-inappropriate"]
-    assert [p.stem for p in complete_shards(run)][-2:] == ["zombie-inappropriate-00000", "zombie-inappropriate-00001"]
-    assert len(complete_shards(run)) == 6 and len(list((run / "cache" / "llm").glob("*.json"))) == 4
+    assert complete_shard_ids(run)[-2:] == ["zombie-inappropriate-00000", "zombie-inappropriate-00001"]
+    assert len(complete_shard_ids(run)) == 6 and len(list((run / "cache" / "llm").glob("*.json"))) == 4
     for path in run.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
@@ -140,7 +136,7 @@ def test_llm_failure_ends_the_run_naming_the_endpoint_and_keeps_finished_shards(
             dataset_flow(config=config, run_dir=str(run))
     message = str(err.value)
     assert server.base_url in message and "2 finished shard(s) kept" in message and "\n" not in message
-    assert [p.stem for p in complete_shards(run)] == ["bloody-inappropriate-00000", "bloody-inappropriate-00001"]
+    assert complete_shard_ids(run) == ["bloody-inappropriate-00000", "bloody-inappropriate-00001"]
     assert not (run / "pairs" / "gender-equality.jsonl").exists()
 
 
@@ -151,4 +147,4 @@ def test_llm_server_down(prefect_harness, tiny_config, tmp_path):
     with pytest.raises(LivoError, match="unreachable") as err:
         dataset_flow(config=config, run_dir=str(tmp_path / "run"))
     assert server.base_url in str(err.value)
-    assert complete_shards(tmp_path / "run") == []
+    assert complete_shard_ids(tmp_path / "run") == []

@@ -44,9 +44,48 @@ def test_livo_loss_hand_cases():
     assert terms["hinge_w"].item() == pytest.approx(2.0, rel=1e-4)
     assert terms["hinge_l"].item() == pytest.approx(0.5)
     assert terms["loss"].item() == pytest.approx(2.5, rel=1e-4)
-    # weights scale each pair's two hinges
+    # weights scale the errors inside the hinges: theta == ref stays at the margins whatever the weight
     two = torch.tensor([1.0, 1.0])
-    assert livo_loss(two, two, two, two, weights=torch.tensor([1.0, 3.0])).item() == pytest.approx(3.0)
+    assert livo_loss(two, two, two, two, weights=torch.tensor([1.0, 3.0])).item() == pytest.approx(1.5)
+    # aligned 1e-3 worse with weight 3: hinge_w = 1 + 1000 * 3e-3 = 4
+    assert livo_loss_terms(one + 1e-3, one, one, one, weights=torch.tensor([3.0]))["hinge_w"].item() == pytest.approx(4.0, rel=1e-4)
+
+
+def _authors_livo_loss(model_pred, neg_model_pred, ref_model_pred, ref_neg_model_pred, target, neg_target,
+                       mse_loss_weights, beta, alpha, gamma_1, gamma_2):
+    """Transcribed from the authors' value_encoder/train.py (the snr_gamma branch; `.floaf()` read as `.float()`)."""
+    import torch.nn.functional as F
+
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+    neg_loss = F.mse_loss(neg_model_pred.float(), neg_target.float(), reduction="none")
+    neg_loss = neg_loss.mean(dim=list(range(1, len(neg_loss.shape)))) * mse_loss_weights
+    ref_loss = F.mse_loss(ref_model_pred.float(), target.float(), reduction="none")
+    ref_loss = ref_loss.mean(dim=list(range(1, len(ref_loss.shape)))) * mse_loss_weights
+    ref_neg_loss = F.mse_loss(ref_neg_model_pred.float(), neg_target.float(), reduction="none")
+    ref_neg_loss = ref_neg_loss.mean(dim=list(range(1, len(ref_neg_loss.shape)))) * mse_loss_weights
+    return (torch.clamp(gamma_1 + beta * (loss - ref_loss), min=0)
+            + torch.clamp(gamma_2 + alpha * (ref_neg_loss - neg_loss), min=0)).mean()
+
+
+def test_min_snr_weighted_loss_equals_the_authors_computation():
+    from diffusers import DDPMScheduler
+
+    from livo_core.train import pair_errors
+
+    g = torch.Generator().manual_seed(0)
+    B = 6
+    target = torch.randn(B, 4, 8, 8, generator=g)
+    preds = [target + 0.1 * torch.randn(B, 4, 8, 8, generator=g) for _ in range(4)]   # theta_w, theta_l, ref_w, ref_l
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    w = min_snr_weights(t, sched, gamma=5.0)
+    theta_w, ref_w, theta_l, ref_l = pair_errors(torch.cat([preds[0], preds[1]]), torch.cat([preds[2], preds[3]]),
+                                                 torch.cat([target, target]))
+    for beta, alpha in ((1000.0, 500.0), (30.0, 30.0)):
+        ours = livo_loss(theta_w, ref_w, theta_l, ref_l, beta=beta, alpha=alpha, gamma1=1.0, gamma2=0.5, weights=w)
+        theirs = _authors_livo_loss(preds[0], preds[1], preds[2], preds[3], target, target, w, beta, alpha, 1.0, 0.5)
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), (ours, theirs)
 
 
 def test_livo_loss_gradient_pushes_aligned_down_and_violating_up():

@@ -108,15 +108,9 @@ def small_nightly(world_model, **extra) -> dict:
 
 
 def _pair_ids(run) -> set[str]:
-    import pyarrow.parquet as pq
+    from helpers import shard_rows
 
-    from livo_core.shards import complete_shards, shard_paths
-
-    ids = set()
-    for parquet in complete_shards(run):
-        for path in (parquet, shard_paths(run, parquet.stem)[2]):
-            ids |= set(pq.read_table(path, columns=["pair_id"]).column("pair_id").to_pylist())
-    return ids
+    return {r["pair_id"] for r in shard_rows(run, ["pair_id"])}
 
 
 @pytest.mark.slow

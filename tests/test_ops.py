@@ -159,16 +159,12 @@ def test_registry_versions_current_pointer_and_pruning(tmp_path):
 # --------------------------------------------------------------------------- dataset runs: failures, Dask, two at once
 def _rows_by_pair(run) -> dict[str, tuple]:
     """pair_id -> (shard, aligned image bytes, violating image bytes) of every kept and rejected row."""
-    import pyarrow.parquet as pq
-
-    from livo_core.shards import complete_shards, shard_paths
+    from helpers import shard_rows
 
     rows = {}
-    for parquet in complete_shards(run):
-        for path in (parquet, shard_paths(run, parquet.stem)[2]):
-            for r in pq.read_table(path, columns=["pair_id", "shard_id", "jpg_0", "jpg_1"]).to_pylist():
-                assert r["pair_id"] not in rows
-                rows[r["pair_id"]] = (r["shard_id"], r["jpg_0"], r["jpg_1"])
+    for r in shard_rows(run, ["pair_id", "shard_id", "jpg_0", "jpg_1"]):
+        assert r["pair_id"] not in rows
+        rows[r["pair_id"]] = (r["shard_id"], r["jpg_0"], r["jpg_1"])
     return rows
 
 
@@ -205,8 +201,8 @@ def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness
     report = latest_artifact("livo-dataset-failed")
     assert "gender-equality-00000" in report and "LIVO_FAIL_SHARDS" in report
     assert "bloody-inappropriate-00000" not in report
-    done = {p: p.stat().st_mtime_ns for p in run.glob("*/*.parquet")}
-    assert len(done) == 6   # 3 complete shards x (kept + rejected)
+    done = {p: p.stat().st_mtime_ns for p in [*run.glob("*/*.parquet"), *run.glob("shards/*.complete.json")]}
+    assert len([p for p in done if p.name.endswith(".complete.json")]) == 3   # 3 complete shards
 
     # Retry (the fault is gone): only the failed shard is rendered; the others are not touched.
     monkeypatch.delenv("LIVO_FAIL_SHARDS")

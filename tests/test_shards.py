@@ -14,10 +14,11 @@ import pytest
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
 from livo_core.shards import (
-    SHARD_COLUMNS, SHARD_SCHEMA, clean_partial, complete_shards, is_complete, load_pairs,
-    make_pair_id, pair_seed, plan_value, read_marker, read_shards, save_pairs, save_value_plan, planned_pairs,
-    shard_paths, write_shard,
+    SHARD_COLUMNS, SHARD_SCHEMA, DamagedFile, clean_partial, complete_shards, damaged_shards, is_complete,
+    list_shards, load_pairs, load_plan, make_pair_id, migrate_legacy_plan, pair_seed, pairs_from_plan, plan_value,
+    planned_pairs, read_marker, read_shards, save_pairs, save_value_plan, shard_paths, write_shard,
 )
+from livo_core.files import sha256_file
 
 
 def _row(i: int, shard_id: str = "v-00000") -> dict:
@@ -71,6 +72,7 @@ def test_read_skips_and_names_bad_shards(tmp_path):
     meta = json.loads(m2.read_text())
     pq.write_table(pq.read_table(shard_paths(tmp_path, "v-00002")[0]).slice(0, 2), shard_paths(tmp_path, "v-00002")[0])
     meta["bytes"] = shard_paths(tmp_path, "v-00002")[0].stat().st_size
+    meta["sha256"] = sha256_file(shard_paths(tmp_path, "v-00002")[0])
     m2.write_text(json.dumps(meta))
     # 3: truncated file
     p3 = shard_paths(tmp_path, "v-00003")[0]
@@ -110,11 +112,11 @@ def test_clean_partial(tmp_path):
     shards = tmp_path / "shards"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    (shards / f"v-00001.parquet.tmp-{dead_pid}").write_bytes(b"half")
-    (tmp_path / "rejected" / f"v-00001.parquet.tmp-{dead_pid}").write_bytes(b"half")
+    (shards / f".v-00001.parquet.tmp-{dead_pid}-0").write_bytes(b"half")
+    (tmp_path / "rejected" / f"v-00001.parquet.tmp-{dead_pid}").write_bytes(b"half")   # an older naming
     (shards / "v-00002.parquet").write_bytes(b"orphan without marker")
     (tmp_path / "rejected" / "v-00002.parquet").write_bytes(b"orphan")
-    live = shards / f"v-00003.parquet.tmp-{os.getppid()}"   # a live process may still be writing this one
+    live = shards / f".v-00003.parquet.tmp-{os.getppid()}-3"   # a live process may still be writing this one
     live.write_bytes(b"in progress")
 
     removed = clean_partial(tmp_path)
@@ -165,3 +167,98 @@ def test_pairs_and_plan_files(tmp_path):
         save_value_plan(tmp_path, cfg, "bloody-inappropriate", plan_value(cfg, "bloody-inappropriate", pairs[:2]))
     with pytest.raises(LivoError, match="not in"):
         planned_pairs(tmp_path, "bloody-inappropriate-00099")
+    # One plan file per shard: a shard reads only its own.
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == [
+        "bloody-inappropriate-00000.json", "bloody-inappropriate-00001.json", "bloody-inappropriate-00002.json",
+        "bloody-inappropriate.value.json"]
+    assert load_plan(tmp_path)["values"]["bloody-inappropriate"]["bloody-inappropriate-00002"] == [
+        {k: v for k, v in p.__dict__.items()} for p in shards["bloody-inappropriate-00002"]]
+
+
+def test_damaged_plan_and_pairs_files_are_repaired(tmp_path):
+    cfg = RunConfig(images_per_prompt=2, shard_size=3)
+    pairs = _pairs(4)
+    save_pairs(tmp_path, "bloody-inappropriate", pairs)
+    shards = plan_value(cfg, "bloody-inappropriate", pairs)
+    save_value_plan(tmp_path, cfg, "bloody-inappropriate", shards)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "plan").iterdir()}
+    # A truncated shard plan: reading it says so; planning again rewrites it from the pairs.
+    one = tmp_path / "plan" / "bloody-inappropriate-00001.json"
+    one.write_bytes(one.read_bytes()[:40])
+    with pytest.raises(DamagedFile, match="livo resume"):
+        planned_pairs(tmp_path, "bloody-inappropriate-00001")
+    save_value_plan(tmp_path, cfg, "bloody-inappropriate", plan_value(cfg, "bloody-inappropriate", pairs))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "plan").iterdir()} == before
+    # A truncated pairs file: DamagedFile, and the plan gives the same pairs back.
+    path = tmp_path / "pairs" / "bloody-inappropriate.jsonl"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DamagedFile):
+        load_pairs(tmp_path, "bloody-inappropriate")
+    assert pairs_from_plan(tmp_path, "bloody-inappropriate") == pairs
+
+
+def test_legacy_plan_json_is_split_into_plan_files(tmp_path):
+    cfg = RunConfig(images_per_prompt=2, shard_size=3)
+    shards = plan_value(cfg, "bloody-inappropriate", _pairs(4))
+    legacy = {"config_hash": cfg.config_hash(),
+              "values": {"bloody-inappropriate": {sid: [p.__dict__ for p in pairs] for sid, pairs in shards.items()}}}
+    (tmp_path / "plan.json").write_text(json.dumps(legacy))
+    assert migrate_legacy_plan(tmp_path) and not (tmp_path / "plan.json").exists()
+    assert planned_pairs(tmp_path, "bloody-inappropriate-00001") == shards["bloody-inappropriate-00001"]
+    assert not migrate_legacy_plan(tmp_path)
+
+
+def test_a_shard_that_kept_nothing_has_no_parquet_file(tmp_path):
+    _write(tmp_path, "v-00000", kept=0, rejected=2)
+    _write(tmp_path, "v-00001", kept=2, rejected=0)
+    assert not shard_paths(tmp_path, "v-00000")[0].exists() and shard_paths(tmp_path, "v-00000")[2].exists()
+    assert not shard_paths(tmp_path, "v-00001")[2].exists()
+    assert read_marker(tmp_path, "v-00000")["rows"] == 0 and read_marker(tmp_path, "v-00000")["file"] is None
+    assert complete_shards(tmp_path) == [shard_paths(tmp_path, "v-00001")[0]]
+    shards, problems = list_shards([tmp_path])
+    assert problems == [] and [s.rows for s in shards] == [0, 2]
+    df, problems = read_shards([tmp_path])
+    assert problems == [] and len(df) == 2
+
+
+def test_a_renamed_column_or_foreign_file_is_not_a_shard(tmp_path):
+    _write(tmp_path, "v-00000")
+    _write(tmp_path, "v-00001")
+    # A consistent marker over a file whose column `value` was renamed: the schema check refuses it.
+    parquet, marker, _ = shard_paths(tmp_path, "v-00000")
+    table = pq.read_table(parquet)
+    pq.write_table(table.rename_columns(["principle" if c == "value" else c for c in table.column_names]), parquet)
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "bytes": parquet.stat().st_size, "sha256": sha256_file(parquet)}))
+    # Non-image bytes in a foreign schema.
+    parquet1, marker1, _ = shard_paths(tmp_path, "v-00001")
+    pq.write_table(pa.table({"jpg_0": [b"not an image"]}), parquet1)
+    meta1 = json.loads(marker1.read_text())
+    marker1.write_text(json.dumps({**meta1, "rows": 1, "bytes": parquet1.stat().st_size, "sha256": sha256_file(parquet1)}))
+    df, problems = read_shards([tmp_path])
+    assert len(df) == 0 and len(problems) == 2
+    assert "value missing" in problems[0] or "value" in problems[0]
+    assert {sid for sid, _ in damaged_shards(tmp_path)} == {"v-00000", "v-00001"}
+
+
+def test_flipping_any_byte_of_a_shard_is_detected(tmp_path):
+    # The marker holds the file's sha256: every single-byte flip anywhere in the file is caught.
+    _write_small(tmp_path)
+    parquet = shard_paths(tmp_path, "v-00000")[0]
+    original = parquet.read_bytes()
+    missed = []
+    for i in range(len(original)):
+        data = bytearray(original)
+        data[i] ^= 0x01
+        parquet.write_bytes(bytes(data))
+        shards, problems = list_shards([tmp_path])
+        if shards:
+            missed.append(i)
+    parquet.write_bytes(original)
+    assert len(original) > 1000 and missed == []
+    assert [s.shard_id for s in list_shards([tmp_path])[0]] == ["v-00000"]
+
+
+def _write_small(run):
+    rows = [{**_row(i), "jpg_0": b"\x89PNG tiny %d" % i, "jpg_1": b"\x89PNG tiny %d" % (i + 10)} for i in range(2)]
+    write_shard(run, "v-00000", rows, [], {})

@@ -19,11 +19,9 @@ from transformers import CLIPTextModel
 
 from livo_core.encoder import ValueEncoder, encode_prompts
 from livo_core.errors import LivoError
+from livo_core.latents import get_batch, model_key
 from livo_core.shards import read_shards, write_shard
-from livo_core.train import (
-    TrainConfig, compute_loss, denoising_errors, get_batch, load_sd_parts, load_train_config, model_key, precompute,
-    train,
-)
+from livo_core.train import TrainConfig, compute_loss, denoising_errors, load_sd_parts, load_train_config, load_training_data, train
 
 PRINCIPLE = "No red blobs in images."
 ALIGNED_PROMPT, VIOLATING_PROMPT = "plain blue", "red blobs on blue"
@@ -61,7 +59,8 @@ def synthetic_pair(rng: np.random.Generator, size: int) -> tuple[Image.Image, Im
     return noisy(blue), noisy(red)
 
 
-def make_run(run_dir: Path, base_model: Path, n_pairs: int = 16, size: int = 32, captions=CAPTIONS, seed: int = 0) -> Path:
+def make_run(run_dir: Path, base_model: Path, n_pairs: int = 16, size: int = 32, captions=CAPTIONS, seed: int = 0,
+             shard_id: str = "no-red-00000") -> Path:
     """A livo dataset run of one complete shard, written with the real shard writer."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -72,7 +71,7 @@ def make_run(run_dir: Path, base_model: Path, n_pairs: int = 16, size: int = 32,
                      "caption": caption, "pair_id": f"{seed:08x}{i:08x}", "value": PRINCIPLE, "value_id": "no-red",
                      "category": "toxicity", "aligned_prompt": ALIGNED_PROMPT, "violating_prompt": caption,
                      "base_model": str(base_model), "seed_0": i, "seed_1": i})
-    write_shard(run_dir, "no-red-00000", rows, [], {"value_id": "no-red"})
+    write_shard(run_dir, shard_id, rows, [], {"value_id": "no-red"})
     (run_dir / "config.json").write_text(json.dumps({"base_model": str(base_model)}))
     return run_dir
 
@@ -111,13 +110,23 @@ def small_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def pairs_of(run: Path, sd, cache: Path, **kw):
+    """The training data of `run` (cache pieces in `cache`), as the trainer loads it."""
+    cfg = small_cfg(base_model=str(sd.base_model) if hasattr(sd, "base_model") else None, **kw)
+    return load_training_data([run], sd, cfg, cache, torch.device("cpu"), torch.float32, progress=False)
+
+
+def load_sd(folder: Path):
+    sd = load_sd_parts(str(folder))
+    sd.base_model = str(folder)
+    return sd
+
+
 # --------------------------------------------------------------------------- one step
 def test_gradients_reach_only_the_value_encoder_and_the_unet_runs_twice(sd_model, run_dir, tmp_path):
-    sd = load_sd_parts(str(sd_model))
-    df, problems = read_shards([run_dir])
-    assert problems == []
-    data = precompute(df, sd, tmp_path, model_key(str(sd_model), torch.float32, None), None, torch.device("cpu"), torch.float32)
+    sd = load_sd(sd_model)
     enc = ValueEncoder.from_text_encoder(sd.text_encoder)
+    data = pairs_of(run_dir, sd, tmp_path)
     calls = []
     sd.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
 
@@ -129,14 +138,13 @@ def test_gradients_reach_only_the_value_encoder_and_the_unet_runs_twice(sd_model
     grads = [p.grad for p in enc.parameters()]
     assert all(g is not None for g in grads)
     assert enc.text_model.get_input_embeddings().weight.grad.abs().sum() > 0
-    assert set(terms) == {"loss", "hinge_w", "hinge_l", "gap_w", "gap_l", "share_past_margin"}
+    assert set(terms) == {"loss", "hinge_w", "hinge_l", "gap_w", "gap_l", "share_past_margin", "pref_acc"}
 
 
 def test_theta_equals_ref_without_the_value_token(sd_model, run_dir, tmp_path):
-    sd = load_sd_parts(str(sd_model))
-    df, _ = read_shards([run_dir])
-    data = precompute(df, sd, tmp_path, model_key(str(sd_model), torch.float32, None), None, torch.device("cpu"), torch.float32)
+    sd = load_sd(sd_model)
     enc = ValueEncoder.from_text_encoder(sd.text_encoder)
+    data = pairs_of(run_dir, sd, tmp_path)
     batch = get_batch(data, [0, 1])
     tw, rw, tl, rl, _ = denoising_errors(enc, sd.unet, sd.noise_scheduler, batch, torch.Generator().manual_seed(0), prepend=False)
     assert torch.equal(tw, rw) and torch.equal(tl, rl)
@@ -144,28 +152,103 @@ def test_theta_equals_ref_without_the_value_token(sd_model, run_dir, tmp_path):
     assert not torch.equal(tw, rw)   # the value token changes the UNet's prediction
 
 
-def test_precompute_caches_latents_and_embeddings_on_disk(sd_model, run_dir, tmp_path):
-    sd = load_sd_parts(str(sd_model))
-    df, _ = read_shards([run_dir])
+def _pieces(folder: Path) -> dict[str, tuple[int, int]]:
+    """Cache files -> (inode, mtime): a rewritten piece gets a new inode (atomic rename) or mtime."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_cache_pieces_per_shard_hold_latents_and_embeddings(sd_model, run_dir, tmp_path):
+    sd = load_sd(sd_model)
     key = model_key(str(sd_model), torch.float32, None)
-    first = precompute(df, sd, tmp_path, key, None, torch.device("cpu"), torch.float32)
-    assert first.latents_w.shape == (16, 4, 4, 4) and first.prompt_embeds.shape == (4, 77, 32)
-    assert first.value_ids.shape == (16, 77)
+    first = pairs_of(run_dir, sd, tmp_path)
+    assert len(first) == 16 and first.latent_shape == (4, 4, 4)
+    assert first.prompt_embed(0).shape == (77, 32) and len(first.pieces) == 1 and first.pieces[0].captions == CAPTIONS
     # the latent is the VAE posterior mean times the scaling factor
+    df, _ = read_shards([run_dir])
     img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(df["jpg_1"][3])), np.float32) / 127.5 - 1).permute(2, 0, 1)
     with torch.no_grad():
         want = sd.vae.encode(img[None]).latent_dist.mean[0] * sd.vae.config.scaling_factor
-    assert torch.allclose(first.latents_l[3], want, atol=1e-5)
-    cached = load_file(str(tmp_path / key / "latents.safetensors"))
-    assert len(cached) == 32   # 16 aligned + 16 violating images, by hash
+    assert torch.allclose(first.latent(3, 1), want, atol=1e-5)
+    assert torch.equal(first.prompt_embed(5), encode_prompts(sd.text_encoder, sd.tokenizer, [CAPTIONS[1]])[0])
+    files = sorted(p.name.split(".", 1)[1] for p in (tmp_path / key).iterdir() if p.name != ".lock")
+    assert files == ["embeds.npy", "json", "latents.npy"]
 
     encoded = []
     sd.vae.encoder.register_forward_hook(lambda *a: encoded.append(1))
     sd.text_encoder.register_forward_hook(lambda *a: encoded.append(1))
-    second = precompute(df, sd, tmp_path, key, None, torch.device("cpu"), torch.float32)
+    second = pairs_of(run_dir, sd, tmp_path)
     assert encoded == []   # everything came from the cache
-    assert torch.equal(second.latents_w, first.latents_w) and torch.equal(second.prompt_embeds, first.prompt_embeds)
+    assert torch.equal(second.latent(7, 0), first.latent(7, 0))
     assert model_key(str(sd_model), torch.float16, None) != key != model_key(str(sd_model), torch.float32, 64)
+
+
+def test_new_shards_add_pieces_and_rewrite_none(sd_model, tmp_path):
+    run = make_run(tmp_path / "run", sd_model, n_pairs=6)
+    sd = load_sd(sd_model)
+    pairs_of(run, sd, tmp_path / "cache")
+    before = _pieces(tmp_path / "cache")
+    make_run(run, sd_model, n_pairs=4, seed=7, shard_id="no-red-00001")   # a second shard in the same run
+    encoded = []
+    sd.vae.encoder.register_forward_hook(lambda m, i, o: encoded.append(i[0].shape[0]))
+    data = pairs_of(run, sd, tmp_path / "cache")
+    assert sum(encoded) == 8 and len(data) == 10   # only the new shard's 4 aligned + 4 violating images
+    after = _pieces(tmp_path / "cache")
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 3
+
+
+def test_a_damaged_or_partial_piece_is_computed_again(sd_model, run_dir, tmp_path):
+    sd = load_sd(sd_model)
+    first = pairs_of(run_dir, sd, tmp_path)
+    folder = tmp_path / model_key(str(sd_model), torch.float32, None)
+    latents = next(folder.glob("*.latents.npy"))
+    data = bytearray(latents.read_bytes())
+    data[-5] ^= 0xFF          # one flipped byte in the cached latents
+    latents.write_bytes(bytes(data))
+    again = pairs_of(run_dir, sd, tmp_path)
+    assert torch.equal(again.latent(2, 1), first.latent(2, 1))   # recomputed, not trained on
+    next(folder.glob("*.json")).unlink()   # a piece without its .json (killed before it was written)
+    encoded = []
+    sd.vae.encoder.register_forward_hook(lambda *a: encoded.append(1))
+    pairs_of(run_dir, sd, tmp_path)
+    assert encoded
+
+
+def test_flip_sampling_and_violating_partner_options(sd_model, tmp_path):
+    run = make_run(tmp_path / "run", sd_model, n_pairs=6)
+    sd = load_sd(sd_model)
+    plain = pairs_of(run, sd, tmp_path / "c")
+    both = pairs_of(run, sd, tmp_path / "c", random_flip=True, latent_sampling="sample")
+    assert torch.equal(both.latent(1, 0), plain.latent(1, 0))
+    df, _ = read_shards([run])
+    mirrored = Image.open(io.BytesIO(df["jpg_0"][1])).transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(mirrored, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        dist = sd.vae.encode(x).latent_dist
+    assert torch.allclose(both.latent(1, 0, view=1), dist.mean[0] * sd.vae.config.scaling_factor, atol=1e-5)
+    # a posterior sample: mean + std * noise, std of the same (unmirrored) image
+    x0 = torch.from_numpy(np.asarray(Image.open(io.BytesIO(df["jpg_0"][1])), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        std0 = sd.vae.encode(x0).latent_dist.std[0] * sd.vae.config.scaling_factor
+    noise = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(both.latent(1, 0, noise=noise), plain.latent(1, 0) + std0 * noise, atol=1e-5)
+    assert not torch.allclose(both.latent(1, 0, noise=noise), plain.latent(1, 0))
+    g = torch.Generator().manual_seed(0)
+    batches = [get_batch(both, range(6), g, flip=True, sample=True) for _ in range(2)]
+    assert not torch.equal(batches[0].latents_w, batches[1].latents_w)   # new flips and posterior samples each step
+    # resample_violating: a pair of a group may get the violating image of another pair of its group
+    grouped = make_run(tmp_path / "grouped", sd_model, n_pairs=4, seed=3)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(grouped / "shards" / "no-red-00000.parquet").to_pylist()
+    for r in rows:
+        r["group_id"] = "scene-a"
+    write_shard(grouped, "no-red-00000", rows, [], {})
+    data = pairs_of(grouped, sd, tmp_path / "g")
+    partners = set()
+    for seed in range(6):
+        b = get_batch(data, [0], torch.Generator().manual_seed(seed), resample_violating=True)
+        partners.add(next(j for j in range(4) if torch.equal(b.latents_l[0], data.latent(j, 1))))
+    assert len(partners) > 1
 
 
 # --------------------------------------------------------------------------- the loop
@@ -230,8 +313,9 @@ def test_damaged_shards_are_skipped_by_name(sd_model, run_dir, tmp_path, caplog)
 
 
 def test_bad_inputs_are_livo_errors(sd_model, run_dir, tmp_path):
-    with pytest.raises(LivoError, match="resume=latest"):
-        train(small_cfg(), [run_dir], tmp_path / "fresh", resume="latest", progress=False)
+    with pytest.raises(LivoError, match="more than once"):
+        train(small_cfg(), [run_dir, run_dir], tmp_path / "twice", progress=False)
+    assert not (tmp_path / "twice").exists()
     empty = tmp_path / "empty"
     (empty / "shards").mkdir(parents=True)
     with pytest.raises(LivoError, match="no complete shards"):
@@ -261,10 +345,9 @@ def teach_unet(sd_folder: Path, run_dir: Path, cache: Path, steps: int = 200) ->
     """Teach the tiny UNet what its two prompts mean: plain diffusion training on the run's images, aligned
     images captioned ALIGNED_PROMPT, violating ones VIOLATING_PROMPT. LiVO assumes an SD that knows its
     concepts (the value token steers it away from one); a random UNet is nearly deaf to its text."""
-    sd = load_sd_parts(str(sd_folder))
-    df, _ = read_shards([run_dir])
-    data = precompute(df, sd, cache, model_key(str(sd_folder), torch.float32, None), None, torch.device("cpu"), torch.float32)
-    latents = torch.cat([data.latents_w, data.latents_l])  # (2N, 4, 4, 4)
+    sd = load_sd(sd_folder)
+    data = pairs_of(run_dir, sd, cache)
+    latents = torch.cat([torch.stack([data.latent(i, side) for i in range(len(data))]) for side in (0, 1)])  # (2N, 4, 4, 4)
     prompts = encode_prompts(sd.text_encoder, sd.tokenizer, [ALIGNED_PROMPT, VIOLATING_PROMPT])  # (2, 77, D)
     which = torch.arange(len(latents)) // len(data)  # 0 = aligned, 1 = violating
     unet = sd.unet.requires_grad_(True).train()
@@ -312,10 +395,8 @@ def test_learning_separates_aligned_from_violating_and_the_control_learns_nothin
     res = train(cfg, [run], tmp_path / "livo", progress=False)
     control = train(cfg.model_copy(update={"prepend_value_token": False}), [run], tmp_path / "control", progress=False)
 
-    sd = load_sd_parts(str(sd_folder))
-    df, _ = read_shards([run])
-    data = precompute(df, sd, tmp_path / "livo" / "cache", model_key(str(sd_folder), torch.float32, None), None,
-                      torch.device("cpu"), torch.float32)
+    sd = load_sd(sd_folder)
+    data = pairs_of(run, sd, tmp_path / "livo" / "cache")
     before_w, before_l = mean_gaps(ValueEncoder.from_text_encoder(sd.text_encoder), sd, data)
     after_w, after_l = mean_gaps(ValueEncoder.from_pretrained(res.value_encoder), sd, data)
     gaps = dict(before_w=before_w, before_l=before_l, after_w=after_w, after_l=after_l)

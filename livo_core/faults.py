@@ -1,0 +1,27 @@
+"""TEST HOOK: named points where a test can kill the process, to prove that no kill loses or duplicates work.
+
+    LIVO_KILL_AT=train.log:3            SIGKILL right after the 3rd training log row is written
+    LIVO_KILL_AT=nightly.register       SIGKILL right after the nightly registered its candidate
+
+Points: train.log, train.checkpoint, train.piece (a cache piece written), nightly.<step> (see flows/nightly.py).
+Unset (always, outside tests) it costs one dictionary lookup per call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process if LIVO_KILL_AT names this point (and this is its N-th hit, N default 1)."""
+    spec = os.environ.get("LIVO_KILL_AT")
+    if not spec:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    for item in spec.split(","):
+        point, _, count = item.strip().partition(":")
+        if point == name and _hits[name] == int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
