@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action="append", help="dataset run directory (repeatable)")
     p.add_argument("--out", required=True, help="training output directory")
     p.add_argument("--train-config", help="training config file (.toml/.yaml/.json)")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--resume", help="'latest' (the newest checkpoint; none yet = from the start) or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace another training run in --out (its checkpoints and logs)")
+    p.add_argument("--preset", choices=["toyworld", "published"],
+                   help="training recipe (default: toyworld for the embedded toy world's data, else the paper's published run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config field, e.g. --set max_steps=200")
 

@@ -42,6 +42,8 @@ from pydantic import Field, model_validator
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
 from livo_core.config import RunConfig, StrictModel, load_settings
 from livo_core.errors import LivoError
+from livo_core.faults import kill_point
+from livo_core.files import clean_tmp_files
 from livo_core.registry import MetricRule, ModelRegistry, PromotionRule, promote_if_not_worse
 from livo_core.train import TrainConfig
 
@@ -264,14 +266,23 @@ def train_candidate(train_config: dict, data_dirs: list[str], out_dir: str, init
     """
     from flows.training import train_value_encoder
 
+    from livo_core.train import base_model_from_data, run_identity
+
     out = Path(out_dir)
     done = out / "nightly_train.json"
     if done.is_file() and (out / "value_encoder" / "config.json").is_file():
         return json.loads(done.read_text())
-    shutil.rmtree(out, ignore_errors=True)   # a half-finished attempt: start this night's training over
     if init_encoder:
         train_config = {**train_config, "init_value_encoder": init_encoder}
-    res = train_value_encoder(data_dirs=data_dirs, out_dir=str(out), train_config=train_config)
+    # A killed attempt of this same training is continued from its last checkpoint; anything else there is replaced.
+    cfg = TrainConfig.model_validate(train_config)
+    cfg = cfg.model_copy(update={"base_model": cfg.base_model or base_model_from_data([Path(d) for d in data_dirs])})
+    try:
+        same = json.loads((out / "train_config.json").read_text()).get("run_identity") == run_identity(cfg, data_dirs)
+    except (OSError, ValueError):
+        same = False
+    res = train_value_encoder(data_dirs=data_dirs, out_dir=str(out), train_config=train_config,
+                              resume="latest" if same else None, overwrite=not same)
     for f in out.glob("checkpoints/*/optimizer.pt"):   # only resuming needs them; the registry keeps the model
         f.unlink()
     result = {"steps": res["steps"], "last": res["last"], "value_encoder": res["value_encoder"], "warm_start": init_encoder}
@@ -307,6 +318,8 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
     root_dir = Path(root)
     check_inputs(cfg.dataset)   # bad input fails here, before the lock and before any work
     with RunLock(root_dir, purpose="livo nightly", timeout_s=cfg.lock_timeout_s):
+        for folder in ("nights", "models"):   # temporaries of a killed run (a SIGKILL skips every `finally`)
+            clean_tmp_files(root_dir / folder)
         _write_json(root_dir / "nightly_config.json", cfg.model_dump(mode="json"))   # holds no secret: keys are only named
         previous = [n for n in nights(root_dir) if n["status"] == "done"]
         state = begin_night(root_dir, cfg)
@@ -328,6 +341,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
                      values_hash=_sha(Path(values_file).read_bytes()), dataset_config_hash=night_cfg.config_hash())
         _write_json(state_path, state)
         data_summary = dataset_flow(config=night_cfg.model_dump(mode="json"), run_dir=str(data_dir))
+        kill_point("nightly.data")
         # Every shard of tonight's run dir is new (tonight's seed); `built` = rendered by this attempt.
         stats = json.loads((data_dir / "stats.json").read_text())["shards"]
         tonight = [r["shard"] for r in stats]
@@ -335,6 +349,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
         heldout_dir = cfg.heldout.run_dir or root_dir / "heldout"
         if cfg.heldout.run_dir is None:
             dataset_flow(config=heldout_dataset_config(cfg, heldout_dir).model_dump(mode="json"), run_dir=str(heldout_dir))
+        kill_point("nightly.heldout")
 
         # 5. train on every finished night's data and tonight's
         data_dirs = [root_dir / n["data"] for n in previous] + [data_dir]   # stored relative: a root can be moved
@@ -345,6 +360,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
         train_cfg = cfg.train.model_copy(update={"cache_dir": cfg.train.cache_dir or root_dir / "cache"})
         trained = train_candidate(train_cfg.model_dump(mode="json"), [str(d) for d in data_dirs],
                                   str(root_dir / "train" / night), init)
+        kill_point("nightly.train")
 
         # 6. candidate and production on the same held-out pairs and noise
         base_model = _base_model(data_dirs, cfg.train)
@@ -353,27 +369,34 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
             encoders["production"] = str(registry.encoder_dir(production))
         metrics = evaluate_task(encoders, [str(heldout_dir)], base_model, train_cfg.model_dump(mode="json"),
                                 cfg.heldout.model_dump(mode="json"), str(root_dir / "cache"))
+        kill_point("nightly.evaluate")
 
-        # 7. decide: register the candidate, promote it only if not worse
+        # 7. decide: register the candidate (once per night: keyed by the night), promote it only if not worse
         if not state.get("candidate"):   # a resumed night that registered its candidate already reuses it
             lineage = {"night": night, "night_seed": state["seed"], "parent": production, "warm_start_from": production if init else None,
                        "datasets": [dataset_lineage(d) for d in data_dirs], "heldout": dataset_lineage(Path(heldout_dir)),
                        "base_model": base_model, "train_config": train_cfg.model_dump(mode="json"),
                        "train_config_hash": _sha(train_cfg.model_dump_json()), "policy_hash": policy_hash,
                        "values_hash": state["values_hash"], "new_principles": new_ids}
-            state["candidate"] = registry.add_version(trained["value_encoder"], metrics["candidate"], lineage)
+            state["candidate"] = registry.add_version(trained["value_encoder"], metrics["candidate"], lineage, key=night)
             _write_json(state_path, state)
+            kill_point("nightly.register")
         candidate = state["candidate"]
         promoted, reason = promote_if_not_worse(metrics["candidate"], metrics.get("production"), cfg.promotion)
         if promoted:
             registry.set_current(candidate)
         decision = {"night": night, "candidate": candidate, "production": production, "promoted": promoted,
                     "reason": reason, "metrics": metrics, "rule": cfg.promotion.model_dump()}
-        registry.record_decision(decision)
-        removed = registry.prune(cfg.keep_versions)
+        registry.record_decision(decision, key=night)   # once per night, even when a kill made us run again
+        state["decision"] = decision
+        _write_json(state_path, state)
+        kill_point("nightly.decide")
+        # Never prune what an unfinished night (this one included) still refers to.
+        protect = {v for n in nights(root_dir) if n.get("status") != "done" for v in (n.get("production"), n.get("candidate")) if v}
+        removed = registry.prune(cfg.keep_versions, protect=protect)
+        kill_point("nightly.prune")
         state.update(status="done", finished=_now(), new_shards=tonight, rendered_by_last_attempt=built,
-                     decision=decision, train=trained,
-                     pairs_kept_tonight=data_summary["kept"])
+                     train=trained, pairs_kept_tonight=data_summary["kept"])
         _write_json(state_path, state)
 
     verb = f"promoted {candidate} to production" if promoted else f"kept {production} in production ({candidate} not promoted)"

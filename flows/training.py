@@ -23,14 +23,17 @@ from livo_core.train import TrainConfig, load_train_config, train
 
 
 @flow(name="livo-train")
-def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict, resume: str | None = None) -> dict:
-    """Train a value encoder on dataset runs; returns {"steps", "last", "value_encoder", "loss_plot"}.
+def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict, resume: str | None = None,
+                        overwrite: bool = False, measure_preference: bool = False) -> dict:
+    """Train a value encoder on dataset runs; returns {"steps", "last", "value_encoder", "loss_plot", "preference"}.
 
-    train_config: TrainConfig fields as a dict (validated here); resume: "latest" or a checkpoint folder.
+    train_config: TrainConfig fields as a dict (validated here); resume: "latest" or a checkpoint folder;
+    overwrite: replace another training run in out_dir; measure_preference: preference accuracy on the
+    training pairs before and after (fixed noise).
     """
     logger = get_run_logger()
     cfg = TrainConfig.model_validate(train_config)
-    res = train(cfg, data_dirs, out_dir, resume=resume, progress=False)
+    res = train(cfg, data_dirs, out_dir, resume=resume, overwrite=overwrite, measure_preference=measure_preference)
     logger.info("trained %d steps; value encoder in %s", res.steps, res.value_encoder)
 
     rows = [{"metric": k, "value": v} for k, v in res.last_metrics.items()]
@@ -41,27 +44,58 @@ def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict, 
           + "\nLeft: loss. Right: mean theta - ref denoising-error gap of aligned (want < 0) and violating (want > 0) images.\n")
     create_markdown_artifact(markdown=md, key="livo-train-report", description=f"livo train: loss plot ({out_dir})")
     return {"steps": res.steps, "last": res.last_metrics, "value_encoder": str(res.value_encoder),
-            "loss_plot": str(res.loss_plot)}
+            "loss_plot": str(res.loss_plot), "preference": res.preference}
 
 
-def cli_train(args) -> int:
-    """`livo train`: check the inputs, then run the flow."""
+def check_train_inputs(args):
+    """Everything `livo train` can check before Prefect starts or anything is written -> (cfg, preset name)."""
+    from livo_core.models import check_model_source, resolve_device
+    from livo_core.train import base_model_from_data, check_out_dir, find_checkpoint, preset_for, training_shards
+
     overrides = dict(parse_override(o) for o in args.overrides)
-    cfg = load_train_config(args.train_config, overrides)   # bad config -> LivoError before Prefect starts
+    load_train_config(args.train_config, overrides)          # bad config -> LivoError naming the field
     for d in args.data:
         if not (Path(d) / "shards").is_dir():
             raise LivoError(f"--data {d} is not a livo dataset run (no shards/ folder): pass the --out dir of `livo dataset`")
+    training_shards([Path(d) for d in args.data])           # repeated --data, no usable shard
+    plain = load_train_config(args.train_config, overrides)
+    base_model = plain.base_model or base_model_from_data([Path(d) for d in args.data])
+    preset = args.preset or preset_for(base_model)
+    cfg = load_train_config(args.train_config, overrides, preset=preset).model_copy(update={"base_model": base_model})
+    check_model_source(base_model)                           # missing or not-a-model folder
+    resolve_device(cfg.device)                               # device=cuda without a GPU
+    if args.resume and args.resume != "latest":
+        find_checkpoint(Path(args.out), args.resume)
+    check_out_dir(Path(args.out), cfg, [Path(d) for d in args.data], args.resume, args.overwrite)
+    return cfg, preset
+
+
+def cli_train(args) -> int:
+    """`livo train`: check the inputs, say which recipe runs, then run the flow."""
+    cfg, preset = check_train_inputs(args)
+    why = "the data was made on the embedded toy world" if preset == "toyworld" else "the paper's SD 1.5 run"
+    if not args.preset:
+        print(f"livo: training preset {preset!r} ({why}): {cfg.max_steps} steps of {cfg.batch_size} pairs, "
+              f"lr {cfg.learning_rate:g}, {cfg.loss} loss (beta {cfg.beta:g}, alpha {cfg.alpha:g}); "
+              f"--preset or --set changes it", flush=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under `accelerate launch` with several processes: every process trains (accelerate splits the
         # batches), and one Prefect flow run per process would only confuse; run the trainer directly.
-        res = train(cfg, args.data, args.out, resume=args.resume)
-        result = {"steps": res.steps, "last": res.last_metrics, "value_encoder": str(res.value_encoder), "loss_plot": str(res.loss_plot)}
+        res = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, measure_preference=True)
+        result = {"steps": res.steps, "last": res.last_metrics, "value_encoder": str(res.value_encoder),
+                  "loss_plot": str(res.loss_plot), "preference": res.preference}
+        if not res.preference:   # not the main process: it writes nothing and reports nothing
+            return 0
     else:
         result = train_value_encoder(data_dirs=[str(d) for d in args.data], out_dir=str(args.out),
-                                     train_config=cfg.model_dump(mode="json"), resume=args.resume)
-    last = result["last"]
-    print(f"livo: trained {result['steps']} steps (loss {last.get('loss', float('nan')):.4f}, "
-          f"gap_w {last.get('gap_w', float('nan')):.2e}, gap_l {last.get('gap_l', float('nan')):.2e}); "
+                                     train_config=cfg.model_dump(mode="json"), resume=args.resume,
+                                     overwrite=args.overwrite, measure_preference=True)
+    last, pref = result["last"], result.get("preference") or {}
+    acc = ""
+    if "before" in pref and "after" in pref:
+        acc = (f"; preference accuracy on the training pairs {pref['before']['pref_acc']:.2f} -> "
+               f"{pref['after']['pref_acc']:.2f} (gap_w {pref['after']['gap_w']:.2e}, gap_l {pref['after']['gap_l']:.2e})")
+    print(f"livo: trained {result['steps']} steps (loss {last.get('loss', float('nan')):.4f}){acc}; "
           f"value encoder in {result['value_encoder']}, loss plot {result['loss_plot']}")
     return 0
 

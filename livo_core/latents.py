@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from livo_core.errors import LivoError
+from livo_core.faults import kill_point
 from livo_core.files import atomic_write, atomic_write_text, sha256_file
 from livo_core.shards import Shard, ShardError, iter_shard_batches, verify_shard
 
@@ -196,6 +197,7 @@ def compute_piece(shard: Shard, folder: Path, name: str, sd, resolution: int | N
             "group_ids": [r["group_id"] if isinstance(r["group_id"], str) else None for r in meta_rows],
             "arrays": arrays}
     atomic_write_text(_meta_path(folder, name), json.dumps(meta))   # last: the piece is complete
+    kill_point("train.piece")
     return load_piece(folder, name, verify=False)
 
 

@@ -62,6 +62,7 @@ class Progress:
         self._postfix: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._start_n = initial
+        self._printed_n: int | None = None
         self._bar = None
         if not disable and is_terminal(self.stream):
             from tqdm.auto import tqdm
@@ -103,6 +104,7 @@ class Progress:
 
     def _print(self) -> None:
         self._last = time.monotonic()
+        self._printed_n = self.n
         print(self.line(), file=self.stream, flush=True)
 
     def close(self, final_line: bool = True) -> None:
@@ -110,7 +112,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif not self.disable and final_line:
+        elif not self.disable and final_line and self._printed_n != self.n:
             self._print()
         self.disable = True
 

@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from livo_core.errors import LivoError
-from livo_core.files import atomic_write_text
+from livo_core.files import atomic_write_text, clean_tmp_files
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 
@@ -118,20 +118,37 @@ class ModelRegistry:
         return json.loads((self.version_dir(version) / "lineage.json").read_text())
 
     # ---- writing
-    def add_version(self, encoder_dir: Path | str, metrics: dict, lineage: dict) -> str:
-        """Copy a trained value encoder in as the next version (not promoted). Returns its name, e.g. "v0003"."""
+    def version_of(self, key: str) -> str | None:
+        """The version registered under `key` (a night), or None."""
+        for version in self.versions():
+            try:
+                if json.loads((self.root / "versions" / version / "lineage.json").read_text()).get("key") == key:
+                    return version
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def add_version(self, encoder_dir: Path | str, metrics: dict, lineage: dict, key: str | None = None) -> str:
+        """Copy a trained value encoder in as the next version (not promoted). Returns its name, e.g. "v0003".
+
+        With a `key` (the nightly passes the night), registering the same key again returns the version
+        already registered: a night killed after registering never registers twice.
+        """
         encoder_dir = Path(encoder_dir)
+        if key is not None and (known := self.version_of(key)):
+            return known
         if not (encoder_dir / "config.json").is_file():
             raise LivoError(f"{encoder_dir} is not a value encoder folder (no config.json): pass a training output's value_encoder/")
         folder = self.root / "versions"
         folder.mkdir(parents=True, exist_ok=True)
+        clean_tmp_files(folder, recursive=False)   # a copy a kill cut short
         numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _VERSION.match(p.name))]
         version = f"v{max(numbers, default=0) + 1:04d}"
         tmp = folder / f".{version}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(encoder_dir, tmp / "value_encoder")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (tmp / "lineage.json").write_text(json.dumps({"version": version, "created": _now(), **lineage}, indent=2))
+        (tmp / "lineage.json").write_text(json.dumps({"version": version, "created": _now(), "key": key, **lineage}, indent=2))
         os.rename(tmp, folder / version)   # the version appears complete, or not at all
         return version
 
@@ -140,28 +157,47 @@ class ModelRegistry:
         self.version_dir(version)
         atomic_write_text(self.root / "current", version + "\n")
 
-    def record_decision(self, decision: dict) -> None:
-        """Append a promotion decision to MODELS/decisions.jsonl (and to the version's metrics.json)."""
+    def record_decision(self, decision: dict, key: str | None = None) -> bool:
+        """Add a promotion decision to MODELS/decisions.jsonl (and to the version's metrics.json).
+
+        With a `key` (the night), a decision already recorded under it is not recorded again. The file is
+        rewritten atomically with the new line: a kill never leaves half a line. False if it was there.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "decisions.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": _now(), **decision}) + "\n")
+        past = self.decisions()
+        if key is not None and any(d.get("key") == key for d in past):
+            return False
+        lines = [json.dumps(d) for d in past] + [json.dumps({"time": _now(), "key": key, **decision})]
+        atomic_write_text(self.root / "decisions.jsonl", "\n".join(lines) + "\n")
         version = decision.get("candidate")
         if version:
             path = self.version_dir(version) / "metrics.json"
             atomic_write_text(path, json.dumps({**json.loads(path.read_text()), "decision": decision}, indent=2, sort_keys=True))
+        return True
 
     def decisions(self) -> list[dict]:
+        """Every recorded decision, oldest first (a line a kill cut short, from older versions, is skipped)."""
         path = self.root / "decisions.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+        out = []
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
-    def prune(self, keep: int) -> list[str]:
-        """Remove all but the newest `keep` versions, never the production one. Returns the removed names."""
+    def prune(self, keep: int, protect: set[str] | frozenset = frozenset()) -> list[str]:
+        """Remove all but the newest `keep` versions, never the production one nor those in `protect` (the
+        versions an unfinished night still refers to). Returns the removed names."""
         if keep < 1:
             raise LivoError(f"keep_versions must be at least 1, got {keep}")
         current = self.current()
         removed = []
         for version in self.versions()[:-keep]:
-            if version != current:
-                shutil.rmtree(self.root / "versions" / version)
+            if version != current and version not in protect:
+                # Renamed away first (one atomic step), then deleted: a kill never leaves half a version.
+                doomed = self.root / "versions" / f".{version}.tmp-{os.getpid()}-pruned"
+                os.rename(self.root / "versions" / version, doomed)
+                shutil.rmtree(doomed)
                 removed.append(version)
         return removed

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from livo_core.config import StrictModel, load_settings
+from livo_core.paths import TOYWORLD_DIR, data_path
 from livo_core.encoder import ValueEncoder, prepend_value_token
 from livo_core.errors import LivoError
 from livo_core.faults import kill_point
@@ -98,9 +99,29 @@ class TrainConfig(StrictModel):
     encode_batch_size: int = Field(16, ge=1, description="Images per VAE call while filling the cache.")
 
 
-def load_train_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Training config file (optional .toml/.yaml/.json) + overrides -> TrainConfig, or a LivoError naming the field."""
-    return load_settings(TrainConfig, path, overrides, "training config")
+def load_train_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None,
+                      preset: str | None = None) -> TrainConfig:
+    """Preset (optional) < training config file (.toml/.yaml/.json) < overrides -> TrainConfig, or a LivoError naming the field."""
+    from livo_core.config import _read_file
+
+    if preset is None:
+        return load_settings(TrainConfig, path, overrides, "training config")
+    if preset not in PRESETS:
+        raise LivoError(f"unknown training preset {preset!r}: choose {' or '.join(PRESETS)}")
+    merged = {**_read_file(PRESETS[preset]), **(_read_file(Path(path)) if path else {})}
+    # dotted overrides on top (load_settings applies them); the merged mapping goes in as the "file"
+    return load_settings(TrainConfig, None, {**merged, **(overrides or {})}, "training config")
+
+
+# Training presets (data/configs/train-*.toml): the recipe that fits the base model.
+PRESETS = {"toyworld": data_path("configs", "train-toyworld.toml"), "published": data_path("configs", "train-sd15.toml")}
+
+
+def preset_for(base_model: str) -> str:
+    """"toyworld" for the embedded toy world's model (a published-recipe run there would learn nothing in an
+    hour on a CPU), "published" (the paper's SD 1.5 run) for every other base model."""
+    folder = Path(base_model).expanduser()
+    return "toyworld" if folder.is_dir() and folder.resolve() == (TOYWORLD_DIR / "model").resolve() else "published"
 
 
 # --------------------------------------------------------------------------- models
