@@ -142,12 +142,27 @@ def install_signal_handlers(hint: str = "") -> None:
         signal.signal(signum, _on_signal)
 
 
+WATCHDOG_S = 10.0   # after a signal, the longest Prefect may take to record the crash before livo exits anyway
+
+
 def _on_signal(signum, frame) -> None:
     if _state["signal"] is not None:   # a second Ctrl-C while stopping: stop now
+        stop_children(timeout_s=1.0)
         os._exit(128 + signum)
     _state["signal"] = signum
+    import threading
+
+    # The exception below lets Prefect mark the run as crashed; this makes sure livo ends even if that hangs.
+    threading.Thread(target=_exit_after, args=(signum, WATCHDOG_S), daemon=True).start()
     # Prefect's flow engine raises its own exception for SIGTERM inside a flow; outside one, this does.
     raise KeyboardInterrupt
+
+
+def _exit_after(signum: int, seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+    _interrupted(signum)
 
 
 def stop_children(timeout_s: float = 3.0) -> None:
@@ -174,7 +189,15 @@ def stop_children(timeout_s: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=timeout_s)
 
 
+_exiting = __import__("threading").Lock()
+
+
 def _interrupted(signum: int) -> int:
+    if not _exiting.acquire(blocking=False):   # the watchdog and the main thread: one line, one exit
+        import time
+
+        time.sleep(60)
+        os._exit(128 + signum)
     name = signal.Signals(signum).name
     hint = f"; {_state['hint']}" if _state["hint"] else ""
     _line(f"livo: interrupted ({name}){hint}")

@@ -423,6 +423,9 @@ def _task_runner(args):
 
 
 def _run(cfg: RunConfig, run_dir: Path, args) -> int:
+    from flows.server import ensure_api
+
+    ensure_api()   # the inputs are checked: now a Prefect API is worth starting
     summary = dataset_flow.with_options(task_runner=_task_runner(args))(
         config=cfg.model_dump(mode="json"), run_dir=str(run_dir))
     print(f"livo: {summary['shards_complete']} shard(s) complete in {run_dir}: {summary['kept']} pairs kept, "

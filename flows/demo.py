@@ -499,6 +499,9 @@ def cli_demo(args) -> int:
     from livo_core.models import check_model_source
 
     check_model_source(str(TOYWORLD_DIR / "model"), "toy world model")
+    from flows.server import ensure_api
+
+    ensure_api()
     metrics = demo_flow(out_dir=str(out), quick=args.quick)
     print_summary(metrics, out)
     return 0

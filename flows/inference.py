@@ -63,16 +63,25 @@ def cli_generate(args: argparse.Namespace) -> int:
     """Generate images with the value encoder; write one PNG (a grid when --num-images > 1)."""
     from livo_core.infer import image_grid, load_livo_pipeline
 
+    from livo_core.encoder import ValueEncoder
+    from livo_core.files import check_writable
+    from livo_core.models import check_model_source, resolve_device
+
     cfg, values = _config_and_values(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise LivoError(f"--out {out}: give an image file name ending in .png")
     if args.num_images < 1:
         raise LivoError(f"--num-images must be at least 1, got {args.num_images}")
+    # Everything checkable before minutes of rendering: the output, the device, the models.
+    check_writable(out, "--out", file=True)
+    resolve_device(cfg.device)
+    check_model_source(cfg.base_model)
+    encoder = ValueEncoder.from_pretrained(args.encoder)
     retriever = None
     if args.value is None:   # the retriever only runs when no value is given
         retriever = build_retriever(cfg, values, use_clip=not args.no_clip, min_similarity=args.min_similarity)
-    pipe = load_livo_pipeline(cfg.base_model, args.encoder, cfg.values_file, device=cfg.device, dtype=cfg.dtype,
+    pipe = load_livo_pipeline(cfg.base_model, encoder, cfg.values_file, device=cfg.device, dtype=cfg.dtype,
                               value_ids=cfg.values or None, retriever=retriever,
                               mix=0.5 if args.mix is None else args.mix)
     r = cfg.render

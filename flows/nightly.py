@@ -453,7 +453,12 @@ def cli_nightly(args) -> int:
     from livo_core.config import parse_override
 
     overrides = dict(parse_override(o) for o in args.overrides)
-    load_nightly_config(args.config, overrides)   # bad config fails before Prefect starts
+    cfg = load_nightly_config(args.config, overrides)   # bad config fails before Prefect starts
+    from flows.dataset import check_inputs
+    from flows.server import ensure_api
+
+    check_inputs(cfg.dataset)
+    ensure_api()
     result = nightly_flow(root=args.root, config_file=args.config, overrides=overrides)
     verb = "promoted" if result["promoted"] else "kept production, not promoted"
     print(f"livo nightly {result['night']}: {result['candidate']} {verb} ({result['reason']}); "

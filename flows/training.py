@@ -87,6 +87,9 @@ def cli_train(args) -> int:
         if not res.preference:   # not the main process: it writes nothing and reports nothing
             return 0
     else:
+        from flows.server import ensure_api
+
+        ensure_api()
         result = train_value_encoder(data_dirs=[str(d) for d in args.data], out_dir=str(args.out),
                                      train_config=cfg.model_dump(mode="json"), resume=args.resume,
                                      overwrite=args.overwrite, measure_preference=True)

@@ -53,10 +53,22 @@ class ValueEncoder(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ValueEncoder":
         """Load a value encoder folder, or the `value_encoder/` inside a training output or checkpoint."""
+        import json
+
         folder = Path(folder)
         for candidate in (folder, folder / "value_encoder"):
-            if (candidate / "config.json").is_file():
+            try:
+                config = json.loads((candidate / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict) or config.get("model_type") not in ("clip_text_model", "clip"):
+                continue   # e.g. a dataset run's config.json: not a model
+            try:
                 return cls(CLIPTextModel.from_pretrained(str(candidate)))
+            except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
+                raise LivoError(f"the value encoder in {candidate} cannot be loaded ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); train it again or "
+                                "restore the folder from a checkpoint (checkpoints/step-*/value_encoder)") from None
         raise LivoError(f"no value encoder in {folder}: give a folder holding config.json + model.safetensors "
                         "(a training output's value_encoder/ or a checkpoint)")
 

@@ -153,15 +153,15 @@ class LiVOPipeline:
         return [torch.Generator("cpu").manual_seed(seeds[i]) for i in which]
 
 
-def load_livo_pipeline(base_model: str, encoder_dir: str | Path, values_file: str | Path,
+def load_livo_pipeline(base_model: str, encoder_dir: str | Path | ValueEncoder, values_file: str | Path,
                        device: str = "auto", dtype: str = "auto", value_ids: list[str] | None = None,
                        retriever: ValueRetriever | None = None, mix: float = 0.5) -> LiVOPipeline:
-    """Load SD (`base_model`: folder or hub id), the value encoder (a `value_encoder/` folder or a training
-    output dir holding one) and the value principles, and wrap them in a LiVOPipeline."""
+    """Load SD (`base_model`: folder or hub id), the value encoder (a `value_encoder/` folder, a training
+    output dir holding one, or a loaded ValueEncoder) and the value principles, and wrap them in a LiVOPipeline."""
     from livo_core.models import load_sd_pipeline
 
     values = load_values(Path(values_file), value_ids)
-    encoder = ValueEncoder.from_pretrained(encoder_dir)
+    encoder = encoder_dir if isinstance(encoder_dir, ValueEncoder) else ValueEncoder.from_pretrained(encoder_dir)
     pipe = load_sd_pipeline(base_model, device=device, dtype=dtype)
     return LiVOPipeline(pipe, encoder, values, retriever=retriever, mix=mix)
 

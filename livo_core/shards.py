@@ -317,12 +317,25 @@ def read_shards(run_dirs: list[Path], columns: list[str] | None = None) -> tuple
     return df, problems
 
 
+def _verify_rejected(marker: Path) -> None:
+    """The rejected-pairs file of a marked shard matches the marker's size and sha256 (format 2 markers)."""
+    meta = json.loads(marker.read_text())
+    if not meta.get("rejected_sha256"):
+        return
+    rejected = marker.parent.parent / "rejected" / f"{marker.name.removesuffix('.complete.json')}.parquet"
+    if not rejected.is_file():
+        raise ShardError("marker present but the rejected-pairs file is missing")
+    if rejected.stat().st_size != meta["rejected_bytes"] or sha256_file(rejected) != meta["rejected_sha256"]:
+        raise ShardError("rejected-pairs file does not match the marker's sha256 (changed or damaged)")
+
+
 def damaged_shards(run_dir: Path) -> list[tuple[str, str]]:
-    """(shard id, reason) of every marked shard of a run that fails the full check."""
+    """(shard id, reason) of every marked shard of a run that fails the full check (kept and rejected files)."""
     bad = []
     for marker in marker_paths(run_dir):
         try:
             verify_shard(_shard_of(marker))
+            _verify_rejected(marker)
         except ShardError as e:
             bad.append((marker.name.removesuffix(".complete.json"), str(e)))
     return bad

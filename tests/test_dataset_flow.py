@@ -148,3 +148,33 @@ def test_llm_server_down(prefect_harness, tiny_config, tmp_path):
         dataset_flow(config=config, run_dir=str(tmp_path / "run"))
     assert server.base_url in str(err.value)
     assert complete_shard_ids(tmp_path / "run") == []
+
+
+def test_resume_repairs_damaged_plan_pairs_and_shards(prefect_harness, tiny_config, tmp_path, capsys):
+    """Truncated plan and pairs files and a byte-flipped shard: `livo resume` rebuilds them and ends with the
+    dataset an undamaged run has."""
+    from flows.cli import main
+
+    config = tiny_config()
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    dataset_flow(config=config, run_dir=str(clean))
+    dataset_flow(config=config, run_dir=str(run))
+    for path in (run / "plan" / "bloody-inappropriate-00001.json", run / "plan" / "gender-equality.value.json",
+                 run / "pairs" / "bloody-inappropriate.jsonl"):
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    flipped = shard_paths(run, "gender-equality-00000")[2]   # the rejected file: its marker holds its hash too
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    flipped.write_bytes(bytes(data))
+    from livo_core.shards import damaged_shards
+
+    assert [sid for sid, _ in damaged_shards(run)] == ["gender-equality-00000"]
+    assert main(["resume", str(run)]) == 0
+    capsys.readouterr()
+    assert damaged_shards(run) == []
+    statuses = {r["shard"]: r["status"] for r in json.loads((run / "stats.json").read_text())["shards"]}
+    assert statuses["gender-equality-00000"] == "built"
+    rows = lambda r: sorted(map(str, shard_rows(r, ["pair_id", "jpg_0", "jpg_1"])))  # noqa: E731
+    assert rows(run) == rows(clean)
+    for name in ("plan/bloody-inappropriate-00001.json", "plan/gender-equality.value.json", "pairs/bloody-inappropriate.jsonl"):
+        assert (run / name).read_bytes() == (clean / name).read_bytes(), name
