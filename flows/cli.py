@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-value-text", action="store_true", help="keep the data's own value wording instead of the values file's principle sentence")
     p.add_argument("--pairs-per-shard", type=int, default=512, help="pairs per Parquet shard")
 
+    p = sub.add_parser("export", help="write a dataset run as a folder Hugging Face datasets / Diffusion-DPO read (dataset card included)")
+    p.add_argument("run_dir", nargs="+", help="dataset run directory (several: one dataset)")
+    p.add_argument("--out", required=True, help="new folder for the export")
+    p.add_argument("--name", help="dataset name in the card (default: the folder's name)")
+
     p = sub.add_parser("retrieve", help="which value principle applies to a prompt (or not applicable)")
     p.add_argument("prompt")
     p.add_argument("--values-file", help="YAML file of value principles")
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {
             "train": ("flows.training", "cli_train"),
             "import-livo-data": ("flows.training", "cli_import_livo_data"),
+            "export": ("flows.dataset", "cli_export"),
             "retrieve": ("flows.inference", "cli_retrieve"),
             "generate": ("flows.inference", "cli_generate"),
             "toyworld": ("flows.demo", "cli_toyworld"),

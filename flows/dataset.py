@@ -450,3 +450,19 @@ def cli_resume(args) -> int:
     cfg = read_run_config(run_dir)
     check_inputs(cfg)
     return _run(cfg, run_dir, args)
+
+
+def cli_export(args) -> int:
+    """`livo export RUN [RUN ...] --out DIR` (no Prefect needed: it only links files and writes a card)."""
+    from livo_core.export import export_runs
+
+    for d in args.run_dir:
+        if not (Path(d) / "shards").is_dir():
+            raise LivoError(f"{d} is not a livo dataset run (no shards/ folder): pass the --out dir of `livo dataset`")
+    record = export_runs([Path(d) for d in args.run_dir], Path(args.out), name=args.name)
+    per_value = ", ".join(f"{k} {n}" for k, n in record["pairs_per_value"].items())
+    print(f"livo: exported {record['pairs']} pairs ({per_value}) in {len(record['files'])} file(s) to {args.out} "
+          f"({', '.join(record['file_method'])}); load with datasets.load_dataset({str(args.out)!r}, split='train')")
+    for p in record["skipped"]:
+        print(f"livo: skipped {p}")
+    return 0

@@ -8,13 +8,14 @@ give the same plan (same seeds, same pair ids), so a resumed run builds exactly 
 A shard is one Parquet file of kept pairs (Pick-a-Pic layout: `jpg_0` aligned, `jpg_1` violating,
 `label_0`=1) plus one Parquet file of rejected pairs with their `reject_reason`. Both are written to a
 hidden temporary name and renamed into place; the `.complete.json` marker (the shard's stats, each file's
-size and sha256) is written LAST. A shard counts as done only when its marker exists, and readers only
+size and sha256) is written LAST, in its own folder: RUN/shards holds nothing but kept-pair Parquet files. A shard counts as done only when its marker exists, and readers only
 ever return shards whose files match their marker byte for byte and have the shard schema.
 
     RUN/plan/<shard_id>.json                     the shard's planned pairs (its task reads only this)
     RUN/plan/<value_id>.value.json               a value's shard list + digests (written after its shards' plans)
     RUN/shards/<value_id>-00000.parquet          kept pairs (no file when the shard kept none)
-    RUN/shards/<value_id>-00000.complete.json    marker: stats, row counts, sizes, sha256 (written last)
+    RUN/markers/<value_id>-00000.complete.json   marker: stats, row counts, sizes, sha256 (written last;
+                                                 runs made before this layout keep them in RUN/shards)
     RUN/rejected/<value_id>-00000.parquet        rejected pairs (images kept, `reject_reason` set)
 
 Point consumers (Diffusion-DPO, `datasets`) at RUN/shards or at a `livo export`, never at RUN itself:
@@ -86,8 +87,9 @@ REJECTED_SCHEMA = SHARD_SCHEMA.append(pa.field("reject_reason", pa.string()))
 def shard_paths(run_dir: Path, shard_id: str) -> tuple[Path, Path, Path]:
     """(kept parquet, completion marker, rejected parquet) of one shard."""
     run_dir = Path(run_dir)
+    legacy = run_dir / "shards" / f"{shard_id}.complete.json"
     return (run_dir / "shards" / f"{shard_id}.parquet",
-            run_dir / "shards" / f"{shard_id}.complete.json",
+            legacy if legacy.is_file() else run_dir / "markers" / f"{shard_id}.complete.json",
             run_dir / "rejected" / f"{shard_id}.parquet")
 
 
@@ -110,6 +112,7 @@ def write_shard(run_dir: Path, shard_id: str, kept_rows: list[dict], rejected_ro
     loaders); its marker says `"rows": 0, "file": null`. The marker records each file's size and sha256.
     """
     parquet, marker, rejected = shard_paths(run_dir, shard_id)
+    parquet.parent.mkdir(parents=True, exist_ok=True)   # RUN/shards exists even when no shard kept a pair
     record = {**stats, "shard_id": shard_id, "rows": len(kept_rows), "rejected_rows": len(rejected_rows),
               "format": MARKER_FORMAT}
     if rejected_rows:
@@ -134,15 +137,18 @@ def is_complete(run_dir: Path, shard_id: str) -> bool:
 
 
 def marker_paths(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / "shards"
-    return sorted(folder.glob("*.complete.json")) if folder.is_dir() else []
+    found = {}
+    for folder in (Path(run_dir) / "shards", Path(run_dir) / "markers"):   # older runs: markers beside the shards
+        if folder.is_dir():
+            found.update({m.name: m for m in folder.glob("*.complete.json")})
+    return [found[k] for k in sorted(found)]
 
 
 def complete_shards(run_dir: Path) -> list[Path]:
     """Kept-pair Parquet files of the shards that have a completion marker and kept pairs, sorted by name."""
     out = []
     for m in marker_paths(run_dir):
-        parquet = m.with_name(m.name.removesuffix(".complete.json") + ".parquet")
+        parquet = m.parent.parent / "shards" / (m.name.removesuffix(".complete.json") + ".parquet")
         try:
             rows = json.loads(m.read_text()).get("rows")
         except (OSError, ValueError):
@@ -191,7 +197,7 @@ def _shard_of(marker: Path) -> Shard:
         raise ShardError(f"unreadable completion marker ({type(e).__name__})") from None
     run_dir = marker.parent.parent
     shard_id = marker.name.removesuffix(".complete.json")
-    parquet = marker.with_name(f"{shard_id}.parquet")
+    parquet = run_dir / "shards" / f"{shard_id}.parquet"
     if rows == 0:
         return Shard(run_dir, shard_id, 0, None, 0, None)
     if not parquet.is_file():

@@ -28,6 +28,7 @@ os.environ.update({
     "PREFECT_HOME": str(_STATE / "prefect"),
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "LIVO_CACHE": str(_STATE / "cache"),          # offline CLIP tokenizer lands here
+    "HF_DATASETS_CACHE": str(_STATE / "hf-datasets"),   # `datasets` caches what it loads
     "TOKENIZERS_PARALLELISM": "false",
 })
 # A real key must never be used by a test; tests that need one set a fake value themselves.

@@ -57,6 +57,12 @@ def test_livo_dataset_on_the_embedded_default(toyworld_model, prefect_harness, t
     assert set(df["label_0"]) == {1.0} and df["jpg_0"].map(lambda b: b[:4] == b"\x89PNG").all()
     same, problems = read_shards([run])
     assert problems == [] and len(same) == len(df)
+    # Captured (not a terminal): livo's plain progress lines, no cursor escapes, no library progress bars.
+    output = result.stdout + result.stderr
+    assert "\x1b[" not in output and "\r" not in output
+    for noise in ("Loading pipeline components", "Loading weights", "it/s]", "Writing model shards", "Traceback"):
+        assert noise not in output, noise
+    assert "livo: dataset bloody-inappropriate: 1/1 shards (100%)" in result.stderr
 
 
 @pytest.mark.slow

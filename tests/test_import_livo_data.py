@@ -10,7 +10,7 @@ from PIL import Image
 from livo_core.errors import LivoError
 from livo_core.livo_data import import_livo_data, match_value, slug
 from livo_core.paths import data_path
-from livo_core.shards import SHARD_COLUMNS, complete_shards, read_shards
+from livo_core.shards import SHARD_COLUMNS, complete_shards, read_shards, shard_paths
 from livo_core.values import load_values
 
 GENDER = "Gender equality: people of every gender should be equally represented"
@@ -108,7 +108,7 @@ def test_import_records_base_model_and_resumes(official, tmp_path):
     assert df["base_model"].isna().all()     # the column names the model that rendered the images: unknown
 
     # A killed import: one shard lost its marker. Running the same import again rebuilds only that one.
-    (run / "shards" / "gender-equality-00001.complete.json").unlink()
+    shard_paths(run, "gender-equality-00001")[1].unlink()
     again = import_livo_data(official, run, base_model="some/sd-model", pairs_per_shard=2)
     assert (again["shards_written"], again["shards_skipped"]) == (1, 4)
     df2, problems = read_shards([run])

@@ -201,7 +201,7 @@ def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness
     report = latest_artifact("livo-dataset-failed")
     assert "gender-equality-00000" in report and "LIVO_FAIL_SHARDS" in report
     assert "bloody-inappropriate-00000" not in report
-    done = {p: p.stat().st_mtime_ns for p in [*run.glob("*/*.parquet"), *run.glob("shards/*.complete.json")]}
+    done = {p: p.stat().st_mtime_ns for p in [*run.glob("*/*.parquet"), *run.glob("markers/*.complete.json")]}
     assert len([p for p in done if p.name.endswith(".complete.json")]) == 3   # 3 complete shards
 
     # Retry (the fault is gone): only the failed shard is rendered; the others are not touched.
