@@ -66,15 +66,20 @@ def check_train_inputs(args):
     resolve_device(cfg.device)                               # device=cuda without a GPU
     if args.resume and args.resume != "latest":
         find_checkpoint(Path(args.out), args.resume)
-    check_out_dir(Path(args.out), cfg, [Path(d) for d in args.data], args.resume, args.overwrite)
+    if _rank() == 0:   # under `accelerate launch` the main process owns the output folder (the others only read)
+        check_out_dir(Path(args.out), cfg, [Path(d) for d in args.data], args.resume, args.overwrite)
     return cfg, preset
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def cli_train(args) -> int:
     """`livo train`: check the inputs, say which recipe runs, then run the flow."""
     cfg, preset = check_train_inputs(args)
     why = "the data was made on the embedded toy world" if preset == "toyworld" else "the paper's SD 1.5 run"
-    if not args.preset:
+    if not args.preset and _rank() == 0:
         print(f"livo: training preset {preset!r} ({why}): {cfg.max_steps} steps of {cfg.batch_size} pairs, "
               f"lr {cfg.learning_rate:g}, {cfg.loss} loss (beta {cfg.beta:g}, alpha {cfg.alpha:g}); "
               f"--preset or --set changes it", flush=True)

@@ -91,9 +91,10 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     csv_path.write_text(",".join(LOG_COLUMNS) + "\n")
     last: dict[str, float] = {}
     bar = Progress(total=cfg.max_steps, disable=not progress, desc="train unet-dpo", unit="step")
-    sampler = Sampler(len(data), cfg.seed)
+    sampler, position = Sampler(len(data), cfg.seed), 0
     for step in range(1, cfg.max_steps + 1):
-        batch = get_batch(data, sampler.batch(cfg.batch_size, (step - 1) * cfg.batch_size)).to(device)
+        idx, position = sampler.take(cfg.batch_size, position)   # the same pairs, step for step, as `train`
+        batch = get_batch(data, idx).to(device)
         theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
         terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, sd.noise_scheduler, cfg)   # cfg.loss is "dpo"
         terms["loss"].backward()

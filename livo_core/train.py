@@ -223,8 +223,10 @@ def load_training_data(data_dirs: list[Path], sd: SDParts, cfg: TrainConfig, cac
 
 # --------------------------------------------------------------------------- one step
 class Sampler:
-    """Pair indices of each batch. The sample stream is epoch after epoch of shuffles of range(n); the whole
-    sampler state is `position`, the number of samples taken so far. One permutation per epoch is kept."""
+    """Pair indices of each (global) batch. The stream is epoch after epoch of shuffles of range(n); a batch
+    never spans two epochs (the last, partial batch of an epoch is skipped, as DataLoader(drop_last=True)),
+    so the processes of one step always train on distinct pairs. The whole sampler state is `position`
+    (where in the stream the next batch starts); one permutation per epoch is kept."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
@@ -235,14 +237,23 @@ class Sampler:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perm
 
-    def batch(self, batch_size: int, position: int) -> np.ndarray:
-        out: list[int] = []
+    def take(self, batch_size: int, position: int) -> tuple[np.ndarray, int]:
+        """(indices of the batch at `position`, the position after it)."""
+        if batch_size <= self.n:
+            epoch, offset = divmod(position, self.n)
+            if offset + batch_size > self.n:   # would span two epochs: start the next one
+                epoch, offset = epoch + 1, 0
+            return self._permutation(epoch)[offset:offset + batch_size].copy(), epoch * self.n + offset + batch_size
+        out: list[int] = []   # fewer pairs than one batch: every pair, epoch after epoch
         while len(out) < batch_size:
             epoch, offset = divmod(position, self.n)
             take = self._permutation(epoch)[offset:offset + batch_size - len(out)]
             out.extend(take.tolist())
             position += len(take)
-        return np.asarray(out)
+        return np.asarray(out), position
+
+    def batch(self, batch_size: int, position: int) -> np.ndarray:
+        return self.take(batch_size, position)[0]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, position: int) -> np.ndarray:
@@ -575,6 +586,10 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
     value_encoder, optimizer, lr_scheduler = accelerator.prepare(value_encoder, optimizer, lr_scheduler)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # noise and timesteps
     if ckpt:
+        made_by = state.get("processes", 1)
+        if made_by != accelerator.num_processes:
+            raise LivoError(f"{ckpt} was saved by {made_by} training process(es), this run has {accelerator.num_processes}: "
+                            f"resume with the same number of processes (accelerate launch --num_processes {made_by})")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False), generator)
@@ -595,14 +610,17 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
         value_encoder.train()
 
     last: dict[str, float] = {}
+    trace = [] if os.environ.get("LIVO_TRACE_RANKS") else None   # TEST HOOK: the pairs each process trained on
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = Sampler(len(data), cfg.seed)
     flip, sample = cfg.random_flip, cfg.latent_sampling == "sample"
     with Progress(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main)) as bar:
         while step < cfg.max_steps:
             # Each process takes its slice of one global batch; the sampler state is `samples_seen`.
-            idx = sampler.batch(global_batch, samples_seen)
+            idx, samples_seen = sampler.take(global_batch, samples_seen)
             idx = idx[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
+            if trace is not None:
+                trace.append([int(i) for i in idx])
             batch = get_batch(data, idx, generator, flip=flip, sample=sample,
                               resample_violating=cfg.resample_violating).to(accelerator.device)
             batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
@@ -616,7 +634,6 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            samples_seen += global_batch
 
             values = accelerator.reduce(torch.stack([terms[k].detach().float() for k in METRICS]), reduction="mean")
             last = {"step": step, **dict(zip(METRICS, values.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
@@ -635,6 +652,11 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
                                 generator, cfg)
 
     accelerator.wait_for_everyone()
+    if trace is not None:
+        weights = accelerator.unwrap_model(value_encoder).state_dict()
+        digest = hashlib.sha256(b"".join(weights[k].detach().cpu().numpy().tobytes() for k in sorted(weights))).hexdigest()
+        print("livo-trace " + json.dumps({"rank": accelerator.process_index, "of": accelerator.num_processes,
+                                          "steps_from": state["step"], "pairs": trace, "encoder_sha256": digest}), flush=True)
     final = out_dir / "value_encoder"
     if main:
         save_encoder(accelerator.unwrap_model(value_encoder), final)
@@ -674,22 +696,29 @@ def save_encoder(value_encoder: ValueEncoder, folder: Path) -> Path:
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, value_encoder, optimizer,
                     lr_scheduler, generator: torch.Generator, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-NNNNNN/ via a temporary folder, renamed when complete; keep the newest N."""
+    """Write checkpoints/step-NNNNNN/ via a temporary folder, renamed when complete; keep the newest N.
+
+    Only the main process writes; the other processes' RNG states (each draws its own noise) reach it
+    through a gather, so `--resume latest` restores every process exactly.
+    """
+    states = [_rng_state(generator)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        states = gather_object(states)   # [process 0's, process 1's, ...]
     root = out_dir / "checkpoints"
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp-{os.getpid() if accelerator.is_main_process else 0}"
     if accelerator.is_main_process:
+        tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    tmp = accelerator_broadcast_path(accelerator, tmp)
-    torch.save(_rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
+        for k, state in enumerate(states):
+            torch.save(state, tmp / f"rng-{k}.pt")
         accelerator.unwrap_model(value_encoder).save_pretrained(tmp / "value_encoder")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step, "samples_seen": samples_seen,
+                                                    "processes": accelerator.num_processes,
                                                     "config": cfg.model_dump(mode="json")}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -699,12 +728,3 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, va
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def accelerator_broadcast_path(accelerator, path: Path) -> Path:
-    """The main process's temporary checkpoint folder, as every process must write into the same one."""
-    if accelerator.num_processes == 1:
-        return path
-    from accelerate.utils import broadcast_object_list
-
-    return Path(broadcast_object_list([str(path)])[0])
