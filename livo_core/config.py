@@ -141,10 +141,13 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`render.steps=10` -> ("render.steps", 10); values are parsed as YAML scalars/lists."""
+    """`render.steps=10` -> ("render.steps", 10); values are parsed as YAML scalars/lists (true/false are
+    booleans; yes/no/on/off stay words)."""
     if "=" not in item:
         raise LivoError(redact(f"override {item!r} must look like section.field=value (e.g. render.steps=10)"))
     key, raw = item.split("=", 1)
+    if raw.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
+        return key.strip(), raw.strip()   # YAML 1.1 reads these as booleans: mixed_precision=no means "no"
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:

@@ -87,23 +87,31 @@ def _model_config(name: str) -> dict:
     return cfg
 
 
-def build_tiny_sd(folder: Path, config: str = "tiny-sd", seed: int = 0) -> Path:
-    """Build a random-weight StableDiffusionPipeline from `data/model_configs/<config>.json`; save it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def build_tiny_sd(folder: Path, config: str = "tiny-sd", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Build a random-weight StableDiffusionPipeline from `data/model_configs/<config>.json`; save it.
+
+    config "tiny-sd": a few MB, for tests; "sd15": Stable Diffusion 1.5's architecture (3.4 GB in fp32,
+    half in fp16), where a shape, dtype or memory figure matters.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = _model_config(config)
     torch.manual_seed(seed)
+    scheduler_class = getattr(diffusers, cfg.get("scheduler_class", "DDIMScheduler"))
     pipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**cfg["unet"]),
         vae=AutoencoderKL(**cfg["vae"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
         tokenizer=clip_tokenizer(),
-        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        scheduler=scheduler_class(**cfg["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
     pipe.save_pretrained(str(folder))
     return Path(folder)
 
