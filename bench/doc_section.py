@@ -19,3 +19,19 @@ def write_section(name: str, title: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     doc.write_text(text)
     print(f"wrote {doc}")
+
+
+def machine() -> str:
+    """CPU model and core count of this machine (from /proc/cpuinfo), for the docs."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"

@@ -1,16 +1,25 @@
 """Plug-and-play LiVO inference: any SD 1.x pipeline + a trained value encoder.
 
     prompt --retriever--> value principle (or "not applicable": plain SD)
-    "<prompt>"              --SD's frozen text encoder--> (1, 77, D)
-    "<principle>, <prompt>" --value encoder-------------> (1, 1, D) value token
-    cat -> (1, 78, D) prompt embeddings -> the unchanged SD pipeline (UNet cross-attention takes 78 tokens)
+    "<principle>, <prompt>" --value encoder--> pooled output = the value token (1, 1, D)
+    value token + SD's frozen prompt embeddings -> the unchanged SD pipeline (cross-attention takes any length)
 
-Classifier-free guidance: the negative branch is SD's plain embeddings of the negative prompt ("" when
-none), padded to 78 tokens with one more padding token, as the authors' inference script does (it lets
-diffusers pad the negative to the prompt's length). Guidance then amplifies what the value token changes
-(eps = neg + g * (valued - neg)); on the toy world this took held-out violation from 42% to 13% for the
-same trained encoder at guidance 5. `value_in_negative=True` gives the negative branch its own value
-token of "<principle>, <negative prompt>" instead; guidance then only amplifies the prompt.
+Two token layouts (`layout`):
+
+  livo      (default; what training sees) prompt padded to 77 tokens -> (1, 78, D) = [value token; 77].
+            Negative branch: SD's embeddings of the negative prompt ("" when none), 77 tokens, plus one more
+            padding token (a copy of the last) -> 78, so guidance (eps = neg + g * (valued - neg))
+            amplifies what the value token changes; on the toy world this took held-out violation from
+            42% to 13% for the same encoder at guidance 5. `value_in_negative=True` gives the negative
+            its own value token instead.
+  official  exactly the authors' script (value_encoder/inference_example.py, evaluation/methods.py): the
+            prompt tokenised to at most 76 tokens WITHOUT padding (n tokens), the value text tokenised
+            without padding, -> (1, n + 1, D) = [value token; n prompt tokens]; no negative is passed, so
+            diffusers encodes "" (or the negative prompt) padded to n + 1 tokens. This is what the released
+            encoder (HF adstellaria/LiVO) was evaluated with.
+
+Sampling: `scheduler` swaps the pipeline's scheduler (the authors evaluate with DPM-Solver++, 25 steps,
+guidance 7.5; see SCHEDULERS).
 
 Bias values (the paper's mixing): a value encoder trained to remove a majority attribute tends to flip
 every image to the minority one, which is a bias too. So only a share `mix` of the images is generated
@@ -32,6 +41,32 @@ from livo_core.encoder import ValueEncoder, encode_prompts, prepend_value_token,
 from livo_core.errors import LivoError
 from livo_core.retrieve import Retrieval, ValueRetriever
 from livo_core.values import ValuePrinciple, load_values
+
+
+LAYOUTS = ("livo", "official")
+# name -> (diffusers class, extra config): built from the pipeline's own scheduler config.
+SCHEDULERS = {
+    "default": None,                                          # the one saved with the model
+    "dpm++": ("DPMSolverMultistepScheduler", {}),             # the authors' evaluation (dpmsolver++, order 2)
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),      # SD 1.5's own (PLMS)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str):
+    """Give `pipe` the named sampler (SCHEDULERS), configured from its own scheduler's config. Returns pipe."""
+    if name not in SCHEDULERS:
+        raise LivoError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    if SCHEDULERS[name] is None:
+        return pipe
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    return pipe
 
 
 @dataclass
@@ -68,7 +103,10 @@ class LiVOPipeline:
     """
 
     def __init__(self, pipe, value_encoder: ValueEncoder, values: list[ValuePrinciple],
-                 retriever: ValueRetriever | None = None, mix: float = 0.5, value_in_negative: bool = False):
+                 retriever: ValueRetriever | None = None, mix: float = 0.5, value_in_negative: bool = False,
+                 layout: str = "livo"):
+        if layout not in LAYOUTS:
+            raise LivoError(f"unknown token layout {layout!r}: choose livo (as training) or official (the authors' script)")
         width = pipe.unet.config.cross_attention_dim
         if value_encoder.config.hidden_size != width:
             raise LivoError(f"value encoder width {value_encoder.config.hidden_size} does not match the UNet's "
@@ -80,6 +118,7 @@ class LiVOPipeline:
         self.retriever = retriever or ValueRetriever(self.values)
         self.mix = mix
         self.value_in_negative = value_in_negative
+        self.layout = layout
 
     def choose_value(self, prompt: str, value_id: str | None = None) -> Retrieval:
         """The caller's value id, or the retriever's choice for the prompt."""
@@ -100,12 +139,23 @@ class LiVOPipeline:
         return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)       # (B, 78, D)
 
     @torch.no_grad()
-    def negative_embeds(self, principle: str, negative_prompt: str) -> torch.Tensor:
-        """The unconditional branch of a valued image, (1, 78, D).
+    def official_embeds(self, principle: str, text: str) -> torch.Tensor:
+        """The authors' conditioning for one prompt: (1, n + 1, D), n <= 76 unpadded prompt tokens."""
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        ids = tok(text, max_length=tok.model_max_length - 1, truncation=True, return_tensors="pt").input_ids
+        prompt_embeds = te(ids.to(self.pipe.device))[0]                                        # (1, n, D)
+        value_ids = tok(value_text(principle, text), truncation=True, return_tensors="pt").input_ids
+        value_token = self.value_encoder(value_ids.to(self.pipe.device))                       # (1, 1, D)
+        return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)
 
-        value_in_negative=False (default, as the official inference script): SD's embeddings of the negative
-        prompt plus one more padding token (a copy of the last one), so guidance amplifies what the value
-        token changes. True: the negative gets its own value token ("<principle>, <negative prompt>").
+    @torch.no_grad()
+    def negative_embeds(self, principle: str, negative_prompt: str) -> torch.Tensor:
+        """The unconditional branch of a valued image in the livo layout, (1, 78, D).
+
+        value_in_negative=False (default): SD's embeddings of the negative prompt plus one more padding token
+        (a copy of the last one: SD's text encoder has only 77 positions, so "" cannot be padded to 78), so
+        guidance amplifies what the value token changes. True: the negative gets its own value token
+        ("<principle>, <negative prompt>"). The authors' own construction is layout="official".
         """
         if self.value_in_negative:
             return self.embeds_with_value(principle, [negative_prompt])
@@ -114,7 +164,13 @@ class LiVOPipeline:
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
                  steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
-                 height: int | None = None, width: int | None = None, use_value: bool = True) -> LiVOOutput:
+                 height: int | None = None, width: int | None = None, use_value: bool = True,
+                 mix: float | None = None) -> LiVOOutput:
+        """`num_images` images of `prompt`; image i starts from the noise of seed + i, whichever method.
+
+        value_id: apply this value (default: the retriever's choice); use_value=False: plain SD;
+        mix: this call's share of bias-value images with the value token (default: the pipeline's).
+        """
         if num_images < 1:
             raise LivoError(f"num_images must be at least 1, got {num_images}")
         retrieval = self.choose_value(prompt, value_id) if use_value else None
@@ -122,7 +178,7 @@ class LiVOPipeline:
         if value is None:
             mask = [False] * num_images
         elif value.kind == "bias":
-            mask = value_mask(num_images, self.mix, seed)
+            mask = value_mask(num_images, self.mix if mix is None else mix, seed)
         else:
             mask = [True] * num_images
         seeds = [seed + i for i in range(num_images)]
@@ -140,10 +196,15 @@ class LiVOPipeline:
         valued = [i for i in range(num_images) if mask[i]]
         if valued:
             n = len(valued)
-            prompt_embeds = self.embeds_with_value(value.principle, [prompt]).expand(n, -1, -1)        # (n, 78, D)
-            negative_embeds = self.negative_embeds(value.principle, negative_prompt or "").expand(n, -1, -1)   # (n, 78, D)
-            out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                            generator=self._generators(seeds, valued), **common)
+            if self.layout == "official":   # diffusers builds the negative, padded to n + 1 (see the module docstring)
+                prompt_embeds = self.official_embeds(value.principle, prompt).expand(n, -1, -1)            # (n, n_tok + 1, D)
+                out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                                generator=self._generators(seeds, valued), **common)
+            else:
+                prompt_embeds = self.embeds_with_value(value.principle, [prompt]).expand(n, -1, -1)        # (n, 78, D)
+                negative_embeds = self.negative_embeds(value.principle, negative_prompt or "").expand(n, -1, -1)   # (n, 78, D)
+                out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                                generator=self._generators(seeds, valued), **common)
             for i, img in zip(valued, out.images):
                 images[i] = img
         return LiVOOutput(images, value, mask, retrieval, seeds)
@@ -155,15 +216,16 @@ class LiVOPipeline:
 
 def load_livo_pipeline(base_model: str, encoder_dir: str | Path | ValueEncoder, values_file: str | Path,
                        device: str = "auto", dtype: str = "auto", value_ids: list[str] | None = None,
-                       retriever: ValueRetriever | None = None, mix: float = 0.5) -> LiVOPipeline:
+                       retriever: ValueRetriever | None = None, mix: float = 0.5, layout: str = "livo",
+                       scheduler: str = "default") -> LiVOPipeline:
     """Load SD (`base_model`: folder or hub id), the value encoder (a `value_encoder/` folder, a training
     output dir holding one, or a loaded ValueEncoder) and the value principles, and wrap them in a LiVOPipeline."""
     from livo_core.models import load_sd_pipeline
 
     values = load_values(Path(values_file), value_ids)
     encoder = encoder_dir if isinstance(encoder_dir, ValueEncoder) else ValueEncoder.from_pretrained(encoder_dir)
-    pipe = load_sd_pipeline(base_model, device=device, dtype=dtype)
-    return LiVOPipeline(pipe, encoder, values, retriever=retriever, mix=mix)
+    pipe = set_scheduler(load_sd_pipeline(base_model, device=device, dtype=dtype), scheduler)
+    return LiVOPipeline(pipe, encoder, values, retriever=retriever, mix=mix, layout=layout)
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:

@@ -107,18 +107,8 @@ class LLMClient:
         if path is not None and path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))["content"]
 
-        try:
-            response = self._client.chat.completions.create(
-                model=self.model, messages=messages, temperature=self.cfg.temperature,
-                response_format={"type": "json_object"},  # servers that do not know it ignore it
-            )
-        except openai.APIConnectionError as e:  # includes timeouts; raised after the client's retries
-            cause = f" ({e.__cause__})" if e.__cause__ else ""
-            raise LivoError(self._scrub(f"{self.endpoint} unreachable: {e}{cause}; "
-                                        f"check llm.base_url or that the server is running")) from None
-        except openai.APIStatusError as e:
-            raise LivoError(self._status_message(e)) from None
-
+        # response_format: servers that do not know it ignore it
+        response = self.create(messages, temperature=self.cfg.temperature, response_format={"type": "json_object"})
         text = (response.choices[0].message.content or "") if response.choices else ""
         # Only answers we can use are cached: a bad one is asked again on a rerun, not replayed.
         if path is not None and accept(text):
@@ -127,6 +117,17 @@ class LLMClient:
             tmp.write_text(json.dumps({"request": request, "content": text}, indent=1), encoding="utf-8")
             tmp.replace(path)  # atomic: a crash never leaves half a cache file
         return text
+
+    def create(self, messages: list[dict], **options):
+        """One chat completion (the client's retries included); every failure is a LivoError naming the endpoint."""
+        try:
+            return self._client.chat.completions.create(model=self.model, messages=messages, **options)
+        except openai.APIConnectionError as e:  # includes timeouts; raised after the client's retries
+            cause = f" ({e.__cause__})" if e.__cause__ else ""
+            raise LivoError(self._scrub(f"{self.endpoint} unreachable: {e}{cause}; "
+                                        f"check llm.base_url or that the server is running")) from None
+        except openai.APIStatusError as e:
+            raise LivoError(self._status_message(e)) from None
 
     def _status_message(self, e: openai.APIStatusError) -> str:
         code = e.status_code

@@ -230,3 +230,61 @@ def test_cli_retrieve_keywords(capsys):
     assert main(["retrieve", "a photo of a doctor", "--values-file", str(DATA_DIR / "values.yaml"), "--no-clip",
                  "--values", "racial-equality"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "racial-equality"
+
+
+# --------------------------------------------------------------------------- the authors' token layout
+def authors_generate(pipe, value_encoder, prompt: str, value: str, num_images: int, generators, **call):
+    """Transcribed from the authors' evaluation/methods.py, LiVO.generate (use_value=True), on our pipe."""
+    input_ids = pipe.tokenizer(prompt, max_length=pipe.tokenizer.model_max_length - 1, truncation=True,
+                               return_tensors="pt").input_ids.to(pipe.device)
+    prompt_embeds = pipe.text_encoder(input_ids)[0]
+    value_input_ids = pipe.tokenizer(value + ', ' + prompt, truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    value_embeds = value_encoder(value_input_ids)[1]
+    concat_embeds = torch.cat([value_embeds.unsqueeze(1), prompt_embeds], dim=1)
+    return pipe(prompt_embeds=concat_embeds, num_images_per_prompt=num_images, generator=generators, **call).images
+
+
+@pytest.mark.parametrize("prompt", ["a bloody warrior in a forest",
+                                    "a bloody " + " ".join(["very"] * 90) + " long prompt"])   # truncated at 76 tokens
+def test_official_layout_gives_the_unet_exactly_the_authors_conditioning(pipe, encoder, prompt):
+    livo = LiVOPipeline(pipe, encoder, VALUES, layout="official")
+    value = BY_ID["bloody-inappropriate"]
+    call = dict(num_inference_steps=FAST["steps"], height=FAST["height"], width=FAST["width"], guidance_scale=7.5)
+    with UNetSpy(pipe.unet) as ours:
+        out = livo(prompt, value_id=value.id, num_images=2, seed=5, steps=FAST["steps"], guidance_scale=7.5,
+                   height=FAST["height"], width=FAST["width"])
+    with UNetSpy(pipe.unet) as theirs, torch.no_grad():
+        images = authors_generate(pipe, encoder.text_model, prompt, value.principle, 2,
+                                  [torch.Generator("cpu").manual_seed(5 + i) for i in range(2)], **call)
+    n = min(len(pipe.tokenizer(prompt).input_ids), 76)
+    assert ours.calls[0].shape == (4, n + 1, 32)          # negatives ("" padded to n + 1) then valued, 2 images each
+    assert len(ours.calls) == len(theirs.calls) and all(torch.equal(a, b) for a, b in zip(ours.calls, theirs.calls))
+    assert (pixels(out.images) == pixels(images)).all()
+    # the negative half is SD's "" padded to n + 1 tokens: not the livo layout's 77 + a copied row
+    empty = pipe.tokenizer([""], padding="max_length", max_length=n + 1, return_tensors="pt").input_ids
+    assert torch.equal(ours.calls[0][:2], pipe.text_encoder(empty)[0].expand(2, -1, -1))
+    assert torch.equal(ours.calls[0][2:, 0], encoder(pipe.tokenizer(value_text(value.principle, prompt), truncation=True,
+                                                                      return_tensors="pt").input_ids)[:, 0].expand(2, -1))
+
+
+def test_livo_layout_is_78_tokens_and_schedulers_can_be_chosen(pipe, encoder):
+    from livo_core.infer import SCHEDULERS, set_scheduler
+
+    livo = LiVOPipeline(pipe, encoder, VALUES)
+    with UNetSpy(pipe.unet) as spy:
+        livo("a bloody warrior", value_id="bloody-inappropriate", num_images=1, **FAST)
+    assert spy.calls[0].shape == (2, 78, 32)
+    original = pipe.scheduler
+    try:
+        for name in SCHEDULERS:
+            set_scheduler(pipe, name)
+            livo("a bloody warrior", value_id="bloody-inappropriate", num_images=1, **FAST)
+        assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+        set_scheduler(pipe, "dpm++")
+        assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+        with pytest.raises(LivoError, match="unknown scheduler"):
+            set_scheduler(pipe, "heun2")
+    finally:
+        pipe.scheduler = original
+    with pytest.raises(LivoError, match="token layout"):
+        LiVOPipeline(pipe, encoder, VALUES, layout="authors")
