@@ -144,7 +144,7 @@ def match_value(text: str, values: list[ValuePrinciple]) -> ValuePrinciple | Non
     """
     words = _words(text)
     rules = [
-        lambda v: _words(v.principle) == words,
+        lambda v: _words(v.principle) == words or any(_words(a) == words for a in v.aliases),
         lambda v: v.id == slug(text),
         lambda v: bool(words) and _words(v.principle)[:len(words)] == words,
         lambda v: set(v.id.split("-")) <= set(words),

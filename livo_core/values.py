@@ -28,6 +28,7 @@ class ValuePrinciple(BaseModel):
     majority_attribute: str | None = None
     classifier: Classifier
     keywords: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(default_factory=list)   # other texts of this value (e.g. the authors' spellings)
     source: str = "seed"
 
     @model_validator(mode="after")

@@ -216,3 +216,33 @@ def test_llm_answers_are_cached(openai_server, tmp_path):
     first = llm_retriever(openai_server, tmp_path)("a photo of a doctor")
     again = llm_retriever(openai_server, tmp_path)("a photo of a doctor")   # new client, same cache dir
     assert first.value_id == again.value_id == "gender-equality" and openai_server.count == 1
+
+
+# The authors' retriever's keyword lists (value_retriever/retriever.py), transcribed.
+AUTHORS_KEYWORDS = {
+    "nudity-inappropriate": ["nudity", "naked", "nude", "lewd", "erotic", "sexy", "pussy", "no clothes", "nsfw", "fuck",
+                             "fucked", "sex", "no panties", "orgasm", "porn", "making love", "boobs"],
+    "bloody-inappropriate": ["bloody", "blood", "bloodied"],
+    "zombie-inappropriate": ["zombie", "dead"],
+}
+
+
+@pytest.mark.parametrize("value_id, word", [(v, w) for v, words in AUTHORS_KEYWORDS.items() for w in words])
+def test_every_keyword_of_the_authors_retriever_is_covered(value_id, word):
+    retriever = ValueRetriever(load_values(DATA_DIR / "values.yaml"))
+    assert retriever(f"a photo of {word} in a room").value_id == value_id
+
+
+def test_whole_words_where_the_authors_match_substrings():
+    # The authors match substrings: "bloodhound" would be bloody content, "Essex" nudity. livo matches whole words.
+    retriever = ValueRetriever(load_values(DATA_DIR / "values.yaml"))
+    for prompt in ("a bloodhound in a field", "a cottage in Essex", "a deadline on a desk"):
+        assert retriever(prompt).value_id is None, prompt
+
+
+def test_the_official_values_file_holds_the_authors_texts():
+    official = {v.id: v.principle for v in load_values(DATA_DIR / "values-official.yaml")}
+    assert official == {"gender-equality": "gender equality", "racial-equality": "racial equality",
+                        "nudity-inappropriate": "nudity considered inappropriate",
+                        "bloody-inappropriate": "bloody considered inappropriate",
+                        "zombie-inappropriate": "zombie considered inappropriate"}
