@@ -146,96 +146,150 @@ def checkpoint_steps(train_dir: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in (train_dir / "checkpoints").glob("step-*[0-9]"))
 
 
-def make_method(name: str, pipe, train_root: Path, values, s: DemoSettings, step: int | None = None, retriever=None):
-    """One evaluated method (see METHODS). `step` picks a checkpoint of a trained method (None: the final model)."""
-    from livo_core.baselines import NEGATIVE_PROMPT, pipeline_with_unet
-    from livo_core.encoder import ValueEncoder
-    from livo_core.evaluate import Method
-    from livo_core.infer import LiVOPipeline
+def method_spec(name: str, train_root: Path, step: int | None = None) -> dict:
+    """One evaluated method (see METHODS) as an evaluation MethodSpec; `step` picks a checkpoint of a trained one."""
+    from livo_core.baselines import NEGATIVE_PROMPT
 
     trained = train_root / name / ("checkpoints/step-%06d" % step if step else "")
-
-    def wrap(p, encoder_dir: Path | None = None):
-        # Methods without a value token still go through LiVOPipeline (use_value=False): the same code path
-        # as LiVO's "not applicable" images, so "unchanged" can be checked pixel by pixel.
-        encoder = ValueEncoder.from_pretrained(encoder_dir) if encoder_dir else ValueEncoder.from_text_encoder(p.text_encoder)
-        return LiVOPipeline(p, encoder, values, retriever=retriever, mix=s.mix)
-
+    label = f"{name}-step-{step:06d}" if step else name
     if name == "base":
-        return Method("base", wrap(pipe))
+        return {"name": "base", "kind": "base"}
     if name == "negative-prompt":
-        return Method(name, wrap(pipe), negative_prompt=NEGATIVE_PROMPT, trained=f'nothing (negative prompt "{NEGATIVE_PROMPT}")')
-    if name == "livo":
-        return Method(name, wrap(pipe, trained), use_value=True, trained="value encoder, LiVO loss")
-    if name == "dpo-encoder":
-        return Method(name, wrap(pipe, trained), use_value=True, trained="value encoder, Diffusion-DPO loss")
+        return {"name": label, "kind": "negative-prompt", "negative_prompt": NEGATIVE_PROMPT}
+    if name in ("livo", "dpo-encoder"):   # the value is retrieved from the prompt, as a user gets it
+        return {"name": label, "kind": "livo", "encoder": str(trained)}
     if name == "dpo-unet":
-        return Method(name, wrap(pipeline_with_unet(pipe, trained / "unet")), trained="UNet (all weights), Diffusion-DPO loss")
+        return {"name": label, "kind": "unet", "unet": str(trained / "unet")}
     raise LivoError(f"unknown demo method {name!r}: choose from {', '.join(METHODS)}")
 
 
-def judge_classifiers(values) -> dict:
-    """value id -> the safety classifier the dataset judge uses for it (built as `Judge` builds them).
-
-    The toy world's values are judged by its pixel detectors (`toyworld`), which need no CLIP model.
-    """
-    from livo_core.judge import make_classifier
-
-    return {v.id: make_classifier(v, None, clip=None) for v in values}
+METHOD_INFO = {
+    "base": "nothing",
+    "livo": "value encoder, LiVO loss",
+    "negative-prompt": None,   # filled with the negative prompt
+    "dpo-encoder": "value encoder, Diffusion-DPO loss",
+    "dpo-unet": "UNet (all weights), Diffusion-DPO loss",
+}
 
 
 def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool = True) -> dict:
-    """Final evaluation of every method + violation/fidelity at each checkpoint; writes OUT/grid.png.
+    """The general evaluation stage (livo_core.evaluate) on the toy world's held-out prompts: every method,
+    then violation / fidelity at every checkpoint of each trained method. Writes OUT/grid.png.
 
     Returns plain data (JSON-able): results per method, curves per trained method, retrievals, params.
     """
-    from tqdm.auto import tqdm
+    from livo_core.baselines import NEGATIVE_PROMPT
+    from livo_core.evaluate import Evaluation, comparison_grid, load_eval_config
+    from livo_core.progress import Progress
+    from livo_core.toyworld import evaluation as toy
 
-    from livo_core.evaluate import comparison_grid, evaluate_methods, generate, heldout_prompts, method_metrics, score
-    from livo_core.models import load_sd_pipeline
-
-    toxic, bias = demo_values()
-    values = [toxic, bias]
-    classifiers = judge_classifiers(values)
-    threshold = classifiers[toxic.id].threshold
-    pipe = load_sd_pipeline(base_model, device="cpu")
     train_root = out / "train"
-    prompts = heldout_prompts(toxic, bias, seed=10_000 + s.seed, per_group=s.eval_prompts_per_group)
-    toxic_prompts = [p for p in prompts if p.group == "toxic"]
+    images = {"toxicity": s.eval_images, "harmless": s.eval_images, "bias": s.bias_eval_images}
+    cfg = load_eval_config(overrides=toy.eval_config(
+        base_model, [method_spec(m, train_root) for m in METHODS], images, s.render_steps, s.guidance_scale,
+        limit=s.eval_prompts_per_group, mix=s.mix, seed=s.seed))
+    main = Evaluation(cfg, out / "eval")
     steps = {m: checkpoint_steps(train_root / m) for m in TRAINED}
-    methods = [make_method(m, pipe, train_root, values, s) for m in METHODS]
-    for m in methods:
-        if m.name in TRAINED:
-            m.trainable_params = trained_params(m.name, train_root / m.name)
+    curve_cfg = load_eval_config(overrides=toy.eval_config(
+        base_model, [method_spec("base", train_root)] + [method_spec(m, train_root, st) for m, sts in steps.items() for st in sts],
+        {"toxicity": s.curve_images}, s.render_steps, s.guidance_scale, limit=s.eval_prompts_per_group,
+        groups=("toxicity",), mix=s.mix, seed=s.seed))
+    curves_eval = Evaluation(curve_cfg, out / "eval-curves")
 
-    render = dict(steps=s.render_steps, guidance_scale=s.guidance_scale)
-    per_group = {"toxic": s.eval_images, "harmless": s.eval_images, "bias": s.bias_eval_images}
-    total = len(prompts) * len(methods) + len(toxic_prompts) * (1 + sum(len(v) for v in steps.values()))
-    with tqdm(total=total, desc="evaluate", unit="prompt", disable=not progress) as bar:
-        results, images = evaluate_methods(methods, prompts, toxic, bias, classifiers, per_group, progress=bar, **render)
+    total = len(main.prompts) * len(cfg.methods) + len(curves_eval.prompts) * len(curve_cfg.methods)
+    with Progress(total=total, desc="evaluate", unit="prompt", disable=not progress) as bar:
+        for m in cfg.methods:
+            main.render(m.name, [p.id for p in main.prompts], bar)
+        for m in curve_cfg.methods:
+            curves_eval.render(m.name, [p.id for p in curves_eval.prompts], bar)
+    results = main.report()
+    curve_results = curves_eval.report()
+    curves = {name: [{"step": 0, "violation_rate": curve_results["base"]["violation_rate"], "fidelity": curve_results["base"]["fidelity"]}]
+                    + [{"step": st, "violation_rate": curve_results[f"{name}-step-{st:06d}"]["violation_rate"],
+                        "fidelity": curve_results[f"{name}-step-{st:06d}"]["fidelity"]} for st in sts]
+              for name, sts in steps.items()}
 
-        # Along training: the toxic held-out prompts at every checkpoint (step 0 = the base model).
-        def point(method, step):
-            gen = generate(method, toxic_prompts, s.curve_images, progress=bar, **render)
-            score(gen, toxic, bias, classifiers)
-            m = method_metrics(gen, toxic, bias, threshold)
-            return {"step": step, "violation_rate": m["violation_rate"], "fidelity": m["fidelity"]}
-
-        start = point(methods[0], 0)
-        curves = {name: [start] + [point(make_method(name, pipe, train_root, values, s, step), step) for step in st]
-                  for name, st in steps.items()}
-
-    show = ([p for p in prompts if p.group == "toxic"][:3] + [p for p in prompts if p.group == "bias"][:1]
-            + [p for p in prompts if p.group == "harmless"][:2])
-    pick = lambda gen: [g for g in gen if g.prompt in show]  # noqa: E731
-    comparison_grid(pick(images["base"]), pick(images["livo"]), "base", "LiVO").save(out / "grid.png")
+    gens = {name: main.generated(name) for name in ("base", "livo")}
+    pick_ids = ([p.id for p in main.prompts if p.group == "toxicity"][:3] + [p.id for p in main.prompts if p.group == "bias"][:1]
+                + [p.id for p in main.prompts if p.group == "harmless"][:2])
+    pick = lambda gen: [g for g in gen if g.prompt.id in pick_ids]  # noqa: E731
+    comparison_grid(pick(gens["base"]), pick(gens["livo"]), "base", "LiVO", scale=3).save(out / "grid.png")
     retrievals = [{"prompt": g.prompt.prompt, "group": g.prompt.group, "expected": g.prompt.value_id or "not applicable",
-                   "retrieved": g.retrieved or "not applicable"} for g in images["livo"]]
-    return {"results": results, "curves": curves, "retrievals": retrievals,
-            "methods": {m.name: {"trained": m.trained, "trainable_params": m.trainable_params,
-                                 "use_value": m.use_value, "negative_prompt": m.negative_prompt} for m in methods},
-            "num_prompts": {g: sum(p.group == g for p in prompts) for g in ("toxic", "bias", "harmless")},
-            "prompts": [p.prompt for p in prompts], "threshold": threshold, "toxic_value": toxic.id, "bias_value": bias.id}
+                   "retrieved": g.retrieved or "not applicable"} for g in gens["livo"]]
+    info = {m: {"trained": METHOD_INFO[m] or f'nothing (negative prompt "{NEGATIVE_PROMPT}")',
+                "trainable_params": trained_params(m, train_root / m) if m in TRAINED else 0,
+                "use_value": m in ("livo", "dpo-encoder"), "negative_prompt": NEGATIVE_PROMPT if m == "negative-prompt" else None}
+            for m in METHODS}
+    threshold = main.classifiers()[toy.TOXIC_VALUE].threshold
+    return {"results": {m: {k: v for k, v in r.items() if "/" not in k} for m, r in results.items()},
+            "results_per_value": {m: {k: v for k, v in r.items() if "/" in k} for m, r in results.items()},
+            "curves": curves, "retrievals": retrievals, "methods": info,
+            "num_prompts": {k: sum(p.group == g for p in main.prompts) for k, g in (("toxic", "toxicity"), ("bias", "bias"), ("harmless", "harmless"))},
+            "prompts": [p.prompt for p in main.prompts], "threshold": threshold, "toxic_value": toy.TOXIC_VALUE,
+            "bias_value": toy.BIAS_VALUE}
+
+
+# --------------------------------------------------------------------------- tables
+SUMMARY_COLUMNS = [
+    ("violation_rate", "violation (toxic)"),
+    ("fidelity", "fidelity (toxic)"),
+    ("bias_d1", "bias D1"),
+    ("bias_minority_share", "green-coat share"),
+    ("unrelated_violation_rate", "violation (harmless)"),
+    ("unrelated_pixel_identical", "harmless unchanged (pixels)"),
+    ("unrelated_detector_identical", "harmless unchanged (detectors)"),
+    ("retrieval_accuracy", "retrieval acc."),
+]
+
+
+def summary_rows(results: dict[str, dict[str, float]], info: dict[str, dict] | None = None,
+                 steps_to_10: dict[str, int | None] | None = None) -> list[dict]:
+    """One row per method for `metrics.metric_table` / a Prefect table artifact."""
+    rows = []
+    for name, m in results.items():
+        row = {"method": name}
+        for key, title in SUMMARY_COLUMNS:
+            v = m.get(key)
+            row[title] = None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 3)
+        if info and name in info:
+            row["trained"] = info[name]["trained"]
+            row["trainable params"] = f"{info[name]['trainable_params']:,}"
+        if steps_to_10 is not None:
+            row["steps to violation < 10%"] = str(steps_to_10[name]) if name in steps_to_10 else "-"
+        rows.append(row)
+    return rows
+
+
+def summary_table(results, info=None, steps_to_10=None) -> str:
+    from livo_core.metrics import metric_table
+
+    return metric_table(summary_rows(results, info, steps_to_10))
+
+
+def plot_curves(curves: dict[str, list[dict]], logs: dict[str, str], png_path) -> None:
+    """Training loss (from each method's train_log.csv) and violation / fidelity at evaluated steps -> PNG."""
+    import pandas as pd
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any thread
+
+    fig = Figure(figsize=(15, 4))
+    ax_loss, ax_viol, ax_fid = fig.subplots(1, 3)
+    for name, csv in logs.items():
+        df = pd.read_csv(csv)
+        window = max(1, len(df) // 20)
+        ax_loss.plot(df["step"], df["loss"].rolling(window, min_periods=1).mean(), label=name)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss (running mean)", title="training loss", yscale="log")
+    for name, curve in curves.items():
+        pts = sorted(curve, key=lambda p: p["step"])
+        ax_viol.plot([p["step"] for p in pts], [p["violation_rate"] for p in pts], marker="o", label=name)
+        ax_fid.plot([p["step"] for p in pts], [p["fidelity"] for p in pts], marker="o", label=name)
+    ax_viol.axhline(0.10, color="grey", lw=0.6, ls="--")
+    ax_viol.set(xlabel="optimizer step", ylabel="violation rate", title="held-out bloody prompts: violation", ylim=(-0.02, 1.02))
+    ax_fid.set(xlabel="optimizer step", ylabel="fidelity", title="held-out bloody prompts: fidelity", ylim=(-0.02, 1.02))
+    for ax in (ax_loss, ax_viol, ax_fid):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
 
 
 # --------------------------------------------------------------------------- report
@@ -304,7 +358,6 @@ def build_metrics(s: DemoSettings, quick: bool, datasets: dict, training: dict, 
 
 def report_markdown(metrics: dict, out: Path) -> str:
     """OUT/report.md: what was run, the headline table, targets reached or not, curves and the grid."""
-    from livo_core.evaluate import summary_table
     from livo_core.metrics import metric_table
 
     s, ev = metrics["settings"], metrics["eval"]
@@ -403,8 +456,6 @@ def evaluate_task(settings: dict, out_dir: str, base_model: str) -> dict:
 @task(name="demo-report")
 def report_task(metrics: dict, out_dir: str, logs: dict[str, str]) -> str:
     """Write metrics.json, report.md, training_curves.png; publish the table, report and images as artifacts."""
-    from livo_core.evaluate import plot_curves, summary_rows
-
     out = Path(out_dir)
     plot_curves(metrics["curves"], logs, out / "training_curves.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -483,7 +534,6 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None) -
 
 
 def print_summary(metrics: dict, out: Path) -> None:
-    from livo_core.evaluate import summary_table
     from livo_core.metrics import metric_table
 
     print(summary_table(metrics["results"], metrics["methods"], metrics["steps_to_violation_below_10pct"]))

@@ -119,13 +119,18 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     return TrainResult(out_dir, cfg.max_steps, last, out_dir / "unet", png_path, csv_path)
 
 
+def pipeline_copy(pipe, **replace):
+    """A copy of SD pipeline `pipe` sharing its components (but those in `replace`), with its own scheduler:
+    a diffusers scheduler keeps per-call state (timesteps), so two pipelines must not share one."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    new = type(pipe)(**{**pipe.components, "scheduler": scheduler, **replace}, requires_safety_checker=False)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
 def pipeline_with_unet(pipe, unet_dir: str | Path):
     """A copy of SD pipeline `pipe` (sharing its VAE, text encoder, tokenizer) with the UNet from `unet_dir`."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(str(unet_dir)).to(pipe.device, pipe.dtype).eval()
-    # Its own scheduler: a diffusers scheduler keeps per-call state (timesteps), so two pipelines must not share one.
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    new = type(pipe)(**{**pipe.components, "unet": unet, "scheduler": scheduler}, requires_safety_checker=False)
-    new.set_progress_bar_config(disable=True)
-    return new
+    return pipeline_copy(pipe, unet=unet)

@@ -53,12 +53,15 @@ def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path):
     for r in metrics["retrievals"]:
         by_group.setdefault(r["group"], set()).add(r["retrieved"])
     assert by_group["harmless"] == {"not applicable"}
-    assert by_group["toxic"] == {metrics["eval"]["toxic_value"]} and by_group["bias"] == {metrics["eval"]["bias_value"]}
+    assert by_group["toxicity"] == {metrics["eval"]["toxic_value"]} and by_group["bias"] == {metrics["eval"]["bias_value"]}
     assert metrics["unrelated_pixel_identical_livo"] == 1.0
     assert metrics["unrelated_pixel_identical_negative_prompt"] < 1.0
 
     report = (out / "report.md").read_text()
     assert all(m in report for m in METHODS) and "## Targets" in report
+    # the demo went through the general evaluation stage: its store, per-prompt table and paper-style report
+    assert (out / "eval" / "per_prompt.csv").is_file() and "tox. R" in (out / "eval" / "report.md").read_text()
+    assert {p.name for p in (out / "eval" / "images").iterdir()} == set(METHODS)
 
     from test_ops import latest_artifact   # plain REST: prefect 3.8.8's own client gets a 422 on /artifacts/filter
     for key in ("livo-demo-metrics", "livo-demo-targets", "livo-demo-report"):
