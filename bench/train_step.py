@@ -1,24 +1,25 @@
-"""Training-step cost: livo's step vs a reference step built like the official LiVO training script.
+"""Training-step cost: livo's step vs a reference step built like the official LiVO training script, and vs the
+floor no implementation of the method can go under.
 
-Both train the same value encoder on the same tiny SD and the same batch of image pairs, with the same loss.
-
-    livo       latents and prompt embeddings cached once (`livo_core.train.precompute`, timed apart);
-               per step: value encoder, ONE UNet call on cat(w, l) with grad (78 tokens), ONE under no_grad (77)
-               -> `livo_core.train.compute_loss`, the trainer's own step
-    reference  per step: VAE-encode both images (latent_dist.sample()), run the text encoder on the captions,
+    reference  per step: VAE-encode both images (latent_dist.sample()), the text encoder on the captions, the
                value encoder, FOUR UNet calls (theta_w, theta_l with grad; ref_w, ref_l under no_grad)
+    livo       latents and prompt embeddings cached once (the trainer's cache pieces, timed apart); per step:
+               value encoder, ONE UNet call on cat(w, l) with grad (78 tokens), ONE under no_grad (77):
+               `livo_core.train.compute_loss`, the trainer's own step, reading the batch from the cache
+    floor      only what cannot be avoided: the value encoder, one UNet forward + backward (gradients to the
+               conditioning only) on 2B latents with 78 tokens, one no-grad forward on 2B with 77, the
+               optimizer step -- tensors ready on the device, no loss terms, no batch assembly
 
-Each variant runs in its own child process (so its peak memory is its own); the two alternate for several
-rounds (a shared CPU is noisy) and the median step time over all rounds is reported, with the ratio. On CPU
-the ratio is taken on the training thread's CPU time (wall time on a shared machine mostly measures the
-neighbours); wall time is printed too. On CUDA the ratio is on wall time.
-Peak memory of a step: CPU = peak RSS during warm-up and timed steps above the RSS before them (sampled
-every 2 ms); CUDA = torch.cuda.max_memory_allocated above the memory held before the steps.
-livo's cache is filled once by a separate process (its time is reported apart) and only read by the livo
-processes, so the VAE's memory never counts as the training step's.
+FLOPs are counted on one step of each (torch.utils.flop_counter: matmuls and convolutions, backward
+included): reference FLOPs / livo FLOPs is the best speedup caching can give (the FLOP bound); the goal is
+a measured speedup >= 90% of it, and livo's step time <= 1.15x the floor's.
 
-    .venv/bin/python bench/train_step.py                          # tiny random SD, CPU, fp32
-    .venv/bin/python bench/train_step.py --device cuda            # CUDA, fp16 frozen models + autocast
+Each variant runs in its own child process (its peak memory is its own); they alternate for several rounds
+and the median step time is reported. On CPU with one torch thread the ratio is taken on the training
+thread's CPU time (wall time on a shared machine mostly measures the neighbours).
+
+    .venv/bin/python bench/train_step.py                                 # tiny random SD, CPU
+    .venv/bin/python bench/train_step.py --shape sd15 --size 256 --batch 1 --threads 2 --write-doc
     .venv/bin/python bench/train_step.py --model /path/to/sd15 --size 512 --batch 4 --device cuda
 """
 
@@ -29,7 +30,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -64,8 +64,18 @@ def make_pairs(n: int, size: int, seed: int = 0):
     return pairs
 
 
+def write_bench_run(run: Path, pairs, base_model: str) -> None:
+    from livo_core.shards import write_shard
+
+    rows = [{"jpg_0": a, "jpg_1": b, "label_0": 1.0, "label_1": 0.0, "caption": f"a red and blue picture {i}",
+             "pair_id": f"{i:016x}", "value": "No blood or gore in images.", "value_id": "no-red", "category": "toxicity",
+             "base_model": base_model} for i, (a, b) in enumerate(pairs)]
+    write_shard(run, "no-red-00000", rows, [], {})
+    (run / "config.json").write_text(json.dumps({"base_model": base_model}))
+
+
 class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every millisecond (Linux)."""
+    """Peak resident memory of this process while the block runs, sampled every 2 ms (Linux)."""
 
     def __enter__(self):
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -90,19 +100,16 @@ class PeakRSS:
 
 
 def run_variant(variant: str, model: str, opts: dict, queue) -> None:
-    """In a child process: build the step, warm up, time `opts['steps']` steps, measure peak memory.
-
-    variant "precompute" only fills livo's disk cache (timed); "livo" then reads it, so the VAE never runs
-    in the livo process and its memory is the training step's alone.
-    """
-    import pandas as pd
+    """In a child process: build the step, warm up, time `opts['steps']` steps, count one step's FLOPs."""
     import torch
     import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     from flows import env  # noqa: F401  (offline, quiet)
     from livo_core.encoder import ValueEncoder, prepend_value_token, text_length, tokenize, value_text
+    from livo_core.latents import get_batch, image_tensor
     from livo_core.loss import livo_loss_terms
-    from livo_core.train import TrainConfig, _image_tensor, compute_loss, get_batch, load_sd_parts, precompute
+    from livo_core.train import TrainConfig, compute_loss, load_sd_parts, load_training_data
 
     torch.set_num_threads(opts["threads"])
     device = torch.device(opts["device"])
@@ -114,59 +121,71 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
     sd.text_encoder.to(device, dtype)
     sd.vae.to(device)
     unet = sd.unet.to(device)
-    optimizer = torch.optim.AdamW(value_encoder.parameters(), lr=1e-6, fused=True)  # as the trainer; same for both
-    cfg = TrainConfig()
-    principle = "No blood or gore in images."
-    captions = [f"a red and blue picture {i}" for i in range(opts["batch"])]
-    pairs = make_pairs(opts["batch"], opts["size"])
+    optimizer = torch.optim.AdamW(value_encoder.parameters(), lr=1e-6, fused=True)  # as the trainer; same for all
+    cfg = TrainConfig(base_model=model, device=opts["device"])
     generator = torch.Generator().manual_seed(0)
     setup_s = 0.0
+    run = Path(opts["run"])
 
     if variant in ("precompute", "livo"):
-        df = pd.DataFrame({"jpg_0": [p[0] for p in pairs], "jpg_1": [p[1] for p in pairs], "caption": captions,
-                           "value": principle, "pair_id": [f"{i:016x}" for i in range(len(pairs))]})
         t0 = time.perf_counter()
-        data = precompute(df, sd, Path(opts["cache"]), "bench", None, device, dtype)
+        data = load_training_data([run], sd, cfg, Path(opts["cache"]), device, dtype, progress=False)
         setup_s = time.perf_counter() - t0
         if variant == "precompute":
             queue.put({"variant": variant, "setup_s": setup_s})
             return
-        batch = get_batch(data, range(len(pairs))).to(device)
 
         def step():
+            batch = get_batch(data, range(opts["batch"])).to(device)   # read from the memory-mapped cache each step
             terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
             terms["loss"].backward()
-            return terms["loss"]
     else:
-        pixels_w = torch.stack([_image_tensor(p[0], None) for p in pairs]).to(device, dtype)  # (B, 3, H, W)
-        pixels_l = torch.stack([_image_tensor(p[1], None) for p in pairs]).to(device, dtype)
+        from livo_core.shards import read_shards
+
+        df, _ = read_shards([run])
+        captions, principle = list(df["caption"]), df["value"][0]
+        pixels_w = torch.stack([image_tensor(b, None) for b in df["jpg_0"]]).to(device, dtype)  # (B, 3, H, W)
+        pixels_l = torch.stack([image_tensor(b, None) for b in df["jpg_1"]]).to(device, dtype)
         length = text_length(sd.tokenizer, sd.text_encoder)
         caption_ids = tokenize(sd.tokenizer, captions, length)[0].to(device)
         value_ids = tokenize(sd.tokenizer, [value_text(principle, c) for c in captions], length)[0].to(device)
         sched = sd.noise_scheduler
-
-        def step():
-            B = pixels_w.shape[0]
+        B = pixels_w.shape[0]
+        if variant == "floor":
             with torch.no_grad():
-                latents = sd.vae.encode(torch.cat([pixels_w, pixels_l])).latent_dist.sample() * sd.vae.config.scaling_factor
-                prompt = sd.text_encoder(caption_ids)[0]  # (B, 77, D)
-            lat_w, lat_l = latents.chunk(2)
-            noise = torch.randn(lat_w.shape, generator=generator).to(device, dtype)
-            t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=generator).to(device)
-            noisy_w, noisy_l = sched.add_noise(lat_w, noise, t), sched.add_noise(lat_l, noise, t)
-            value_embeds = prepend_value_token(prompt, value_encoder(value_ids))  # (B, 78, D)
+                latents = sd.vae.encode(torch.cat([pixels_w, pixels_l])).latent_dist.mean * sd.vae.config.scaling_factor
+                prompt = sd.text_encoder(caption_ids)[0]
+            noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+            t2 = torch.randint(0, sched.config.num_train_timesteps, (2 * B,), generator=generator).to(device)
+            noisy = sched.add_noise(latents, noise, t2)
+            prompt2 = torch.cat([prompt, prompt])
 
-            def mse(pred):
-                return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            def step():
+                token = value_encoder(value_ids)                                    # (B, 1, D)
+                theta = unet(noisy, t2, prepend_value_token(prompt2, torch.cat([token, token]))).sample
+                with torch.no_grad():
+                    ref = unet(noisy, t2, prompt2).sample
+                (theta.float().mean() + 0 * ref.float().mean()).backward()
+        else:
+            def step():
+                with torch.no_grad():
+                    latents = sd.vae.encode(torch.cat([pixels_w, pixels_l])).latent_dist.sample() * sd.vae.config.scaling_factor
+                    prompt = sd.text_encoder(caption_ids)[0]  # (B, 77, D)
+                lat_w, lat_l = latents.chunk(2)
+                noise = torch.randn(lat_w.shape, generator=generator).to(device, dtype)
+                t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=generator).to(device)
+                noisy_w, noisy_l = sched.add_noise(lat_w, noise, t), sched.add_noise(lat_l, noise, t)
+                value_embeds = prepend_value_token(prompt, value_encoder(value_ids))  # (B, 78, D)
 
-            theta_w = mse(unet(noisy_w, t, value_embeds).sample)
-            theta_l = mse(unet(noisy_l, t, value_embeds).sample)
-            with torch.no_grad():
-                ref_w = mse(unet(noisy_w, t, prompt).sample)
-                ref_l = mse(unet(noisy_l, t, prompt).sample)
-            loss = livo_loss_terms(theta_w, ref_w, theta_l, ref_l)["loss"]
-            loss.backward()
-            return loss
+                def mse(pred):
+                    return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+
+                theta_w = mse(unet(noisy_w, t, value_embeds).sample)
+                theta_l = mse(unet(noisy_l, t, value_embeds).sample)
+                with torch.no_grad():
+                    ref_w = mse(unet(noisy_w, t, prompt).sample)
+                    ref_l = mse(unet(noisy_l, t, prompt).sample)
+                livo_loss_terms(theta_w, ref_w, theta_l, ref_l)["loss"].backward()
 
     def full_step():
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and opts["fp16"]):
@@ -189,22 +208,28 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
                 wall.append((time.perf_counter() - t0) * 1000)
                 cpu.append((time.thread_time() - c0) * 1000)
     peak = (torch.cuda.max_memory_allocated() - held) if cuda else (rss.peak - rss.start)
-    queue.put({"variant": variant, "ms": wall, "cpu_ms": cpu, "peak_mb": peak / 2**20, "setup_s": setup_s})
+    counter = FlopCounterMode(display=False)
+    with counter:
+        full_step()
+    queue.put({"variant": variant, "ms": wall, "cpu_ms": cpu, "peak_mb": peak / 2**20, "setup_s": setup_s,
+               "tflop": counter.get_total_flops() / 1e12})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="SD 1.x diffusers folder (default: a tiny random SD built in a temp dir)")
+    ap.add_argument("--model", help="SD 1.x diffusers folder (default: built from --shape with random weights)")
+    ap.add_argument("--shape", default="tiny-sd", choices=["tiny-sd", "micro-sd", "sd15"],
+                    help="data/model_configs/<shape>.json when no --model is given (sd15: SD 1.5's architecture)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fp32", action="store_true", help="on CUDA: fp32 instead of fp16 frozen models + autocast")
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--size", type=int, default=64, help="image size in pixels")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of (reference, livo), each in fresh processes")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (reference, livo, floor), each in fresh processes")
     ap.add_argument("--threads", type=int, default=torch_threads_default())
     ap.add_argument("--json", help="also write the results to this JSON file")
-    ap.add_argument("--write-doc", action="store_true", help="write the result into docs/bench.md (its training-step section)")
+    ap.add_argument("--write-doc", action="store_true", help="write the result into docs/bench.md")
     args = ap.parse_args()
 
     opts = {"device": args.device, "fp16": args.device == "cuda" and not args.fp32, "batch": args.batch,
@@ -212,65 +237,79 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from livo_core.models import build_tiny_sd
-            model = str(build_tiny_sd(Path(tmp) / "tiny_sd"))
-        opts["cache"] = str(Path(tmp) / "cache")
-        ctx = mp.get_context("spawn")
-        results: dict[str, list[dict]] = {"precompute": [], "reference": [], "livo": []}
-        queue = ctx.Queue()
-        proc = ctx.Process(target=run_variant, args=("precompute", model, opts, queue))
-        proc.start()
-        results["precompute"].append(queue.get())
-        proc.join()
-        for _ in range(args.rounds):
-            for variant in ("reference", "livo"):
-                queue = ctx.Queue()
-                proc = ctx.Process(target=run_variant, args=(variant, model, opts, queue))
-                proc.start()
-                results[variant].append(queue.get())
-                proc.join()
+            import torch
 
-    summary = {"device": args.device, "dtype": "fp16" if opts["fp16"] else "fp32", "model": args.model or "tiny random SD",
+            from livo_core.models import build_tiny_sd
+            model = str(build_tiny_sd(Path(tmp) / args.shape, config=args.shape,
+                                      dtype=torch.float16 if args.shape == "sd15" else torch.float32))
+        opts["cache"], opts["run"] = str(Path(tmp) / "cache"), str(Path(tmp) / "run")
+        write_bench_run(Path(opts["run"]), make_pairs(args.batch, args.size), model)
+        ctx = mp.get_context("spawn")
+        results: dict[str, list[dict]] = {"precompute": [], "reference": [], "livo": [], "floor": []}
+
+        def launch(variant):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=run_variant, args=(variant, model, opts, queue))
+            proc.start()
+            results[variant].append(queue.get())
+            proc.join()
+
+        launch("precompute")
+        for _ in range(args.rounds):
+            for variant in ("reference", "livo", "floor"):
+                launch(variant)
+
+    import torch
+
+    from doc_section import machine
+
+    summary = {"device": args.device, "dtype": "fp16" if opts["fp16"] else "fp32", "model": args.model or f"{args.shape} (random weights)",
                "batch_pairs": args.batch, "image_size": args.size, "threads": args.threads,
-               "steps_timed": args.steps * args.rounds, "cpu": platform.processor() or platform.machine()}
-    for variant in ("reference", "livo"):
+               "steps_timed": args.steps * args.rounds, "cpu": machine()}
+    for variant in ("reference", "livo", "floor"):
         runs = results[variant]
         summary[f"{variant}_ms_per_step"] = statistics.median(t for r in runs for t in r["ms"])
         summary[f"{variant}_cpu_ms_per_step"] = statistics.median(t for r in runs for t in r["cpu_ms"])
         summary[f"{variant}_peak_step_mb"] = max(r["peak_mb"] for r in runs)
+        summary[f"{variant}_tflop_per_step"] = runs[0]["tflop"]
     summary["livo_precompute_s"] = results["precompute"][0]["setup_s"]
-    # On a CPU, time spent waiting for a core (other processes) is not the step's cost: compare CPU time of
-    # the training thread (torch runs its kernels there with --threads 1). On CUDA: wall time.
+    # On a CPU with one thread, compare CPU time of the training thread (waiting for a core is the neighbours');
+    # with several threads or on CUDA: wall time.
     key = "ms_per_step" if args.device == "cuda" or args.threads > 1 else "cpu_ms_per_step"
     summary["speedup"] = summary[f"reference_{key}"] / summary[f"livo_{key}"]
+    summary["flop_bound"] = summary["reference_tflop_per_step"] / summary["livo_tflop_per_step"]
+    summary["share_of_bound"] = summary["speedup"] / summary["flop_bound"]
+    summary["over_floor"] = summary[f"livo_{key}"] / summary[f"floor_{key}"]
     summary["speedup_of"] = key
-    print(f"{'':10} {'wall ms/step':>13} {'CPU ms/step':>12} {'peak step memory (MiB)':>24}")
-    for variant in ("reference", "livo"):
+    print(f"{'':10} {'wall ms/step':>13} {'CPU ms/step':>12} {'TFLOP/step':>11} {'peak step memory (MiB)':>24}")
+    for variant in ("reference", "livo", "floor"):
         print(f"{variant:10} {summary[f'{variant}_ms_per_step']:13.1f} {summary[f'{variant}_cpu_ms_per_step']:12.1f} "
-              f"{summary[f'{variant}_peak_step_mb']:24.1f}")
-    print(f"speedup (reference / livo, {key}): {summary['speedup']:.2f}x   "
+              f"{summary[f'{variant}_tflop_per_step']:11.3f} {summary[f'{variant}_peak_step_mb']:24.1f}")
+    print(f"speedup reference / livo ({key}): {summary['speedup']:.2f}x; FLOP bound {summary['flop_bound']:.2f}x "
+          f"({100 * summary['share_of_bound']:.0f}% of it); livo / floor {summary['over_floor']:.3f}x "
           f"(livo's one-off precompute for {args.batch} pairs: {summary['livo_precompute_s']:.2f} s)")
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     if args.write_doc:
-        import torch
-
         from doc_section import write_section
 
         s = summary
-        write_section(f"train-bench-{args.device}", f"Training step ({args.device}, {s['dtype']})", "\n".join([
+        name = f"train-bench-{args.device}" + ("" if args.shape == "tiny-sd" and not args.model else f"-{args.shape}-{args.size}")
+        write_section(name, f"Training step ({args.device}, {s['dtype']}, {s['model']}, {args.size} px)", "\n".join([
             f"- command: `.venv/bin/python bench/train_step.py {' '.join(sys.argv[1:])}`",
-            f"- machine: {args.device} ({s['cpu']}, {args.threads} torch threads), torch {torch.__version__}",
-            f"- workload: {s['model']}, {args.batch} pairs of {args.size}x{args.size} images per step, same loss and "
-            f"fused AdamW in both; {s['steps_timed']} timed steps per variant over {args.rounds} alternating rounds, each in a fresh process",
+            f"- machine: {s['cpu']}, {args.threads} torch threads, torch {torch.__version__}",
+            f"- workload: {args.batch} pair(s) of {args.size}x{args.size} images per step, the same loss and fused AdamW; "
+            f"{s['steps_timed']} timed steps per variant over {args.rounds} alternating round(s), each in a fresh process",
             "",
-            "| variant | wall ms/step | CPU ms/step | peak step memory (MiB) |",
-            "|---|---|---|---|",
-            *[f"| {v} | {s[f'{v}_ms_per_step']:.1f} | {s[f'{v}_cpu_ms_per_step']:.1f} | {s[f'{v}_peak_step_mb']:.1f} |"
-              for v in ("reference", "livo")],
+            "| variant | wall ms/step | CPU ms/step | TFLOP/step (counted) | peak step memory (MiB) |",
+            "|---|---|---|---|---|",
+            *[f"| {v} | {s[f'{v}_ms_per_step']:.1f} | {s[f'{v}_cpu_ms_per_step']:.1f} | {s[f'{v}_tflop_per_step']:.3f} | "
+              f"{s[f'{v}_peak_step_mb']:.1f} |" for v in ("reference", "livo", "floor")],
             "",
-            f"- speedup reference / livo ({s['speedup_of']}): **{s['speedup']:.2f}x** (goal >= 2.0x)",
+            f"- speedup reference / livo ({s['speedup_of']}): **{s['speedup']:.2f}x**; FLOP bound {s['flop_bound']:.2f}x: "
+            f"**{100 * s['share_of_bound']:.0f}%** of it (goal >= 90%)",
+            f"- livo / floor: **{s['over_floor']:.3f}x** (goal <= 1.15x)",
             f"- livo's one-off precompute (VAE latents + prompt embeddings, {args.batch} pairs): {s['livo_precompute_s']:.2f} s",
         ]))
 

@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     _retriever_args(p)
     _config_args(p)
 
+    p = sub.add_parser("evaluate", help="the paper's evaluation of a value encoder (and baselines) on an SD 1.x model")
+    p.add_argument("--encoder", help="value encoder folder (or a training output) of the livo methods")
+    p.add_argument("--out", required=True, help="evaluation folder (images, report; a rerun resumes it)")
+    p.add_argument("--config", help="evaluation config file (.toml/.yaml/.json): prompt sets, methods, judges")
+    p.add_argument("--preset", choices=["official"], help="official = the authors' protocol (DPM-Solver++, 25 steps, 512 px, 50 images)")
+    p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
+    p.add_argument("--methods", help="comma-separated: base,livo,livo:<value id>,negative-prompt,sld:<preset>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluation config field, e.g. --set images_per_prompt=8")
+
     p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
     tw = p.add_subparsers(dest="toyworld_command", required=True)
     b = tw.add_parser("build", help="train the world model and world CLIP from scratch (deterministic)")
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole LiVO loop on the toy world and measure it")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
+    p.add_argument("--baselines", action="store_true", help="also train and evaluate the DPO baselines (about 2.5x the time)")
 
     p = sub.add_parser("nightly", help="one night: new data -> train -> evaluate vs production -> promote if not worse")
     p.add_argument("--root", default="runs/nightly", help="the nightly folder (data, held-out set, models)")
@@ -158,6 +169,8 @@ def interrupt_hint(args: argparse.Namespace) -> str:
         return f"`livo nightly --root {args.root}` resumes the night"
     if args.command == "demo":
         return f"`livo demo --out {args.out}` reuses the finished data"
+    if args.command == "evaluate":
+        return f"stored images are kept: the same `livo evaluate ... --out {args.out}` renders only what is missing"
     return ""
 
 
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": ("flows.training", "cli_train"),
             "import-livo-data": ("flows.training", "cli_import_livo_data"),
             "export": ("flows.dataset", "cli_export"),
+            "evaluate": ("flows.evaluation", "cli_evaluate"),
             "retrieve": ("flows.inference", "cli_retrieve"),
             "generate": ("flows.inference", "cli_generate"),
             "toyworld": ("flows.demo", "cli_toyworld"),

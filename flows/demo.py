@@ -76,17 +76,28 @@ class DemoSettings(BaseModel):
     eval_prompts_per_group: int | None = Field(None, description="Cap on toxic and harmless held-out prompts (None: all).")
     mix: float = Field(0.5, description="Bias value: share of images generated with the value token (the paper's mixing).")
     seed: int = Field(0, description="Seeds data, training and evaluation.")
+    baselines: bool = Field(False, description="Also train and evaluate the two DPO baselines (DPO loss on the value encoder, "
+                            "Diffusion-DPO on the UNet): about 2.5x the time (`livo demo --baselines`).")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return METHODS if self.baselines else tuple(m for m in METHODS if m not in BASELINES)
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return tuple(m for m in TRAINED if m in self.methods)
 
 
-FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=800,
+FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=600,
                     batch_size=16, eval_every=100, livo_lr=5e-3, dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4,
-                    eval_images=16, bias_eval_images=48, curve_images=4)
+                    eval_images=12, bias_eval_images=48, curve_images=4)
 QUICK = DemoSettings(prompts_per_value=8, images_per_prompt={"toxicity": 1, "bias": 2}, render_steps=10,
                      train_steps=4, batch_size=4, eval_every=2, livo_lr=1e-4, dpo_encoder_lr=1e-4,
                      dpo_unet_lr=1e-4, eval_images=2, bias_eval_images=2, curve_images=2, eval_prompts_per_group=2)
 
 METHODS = ("base", "livo", "negative-prompt", "dpo-encoder", "dpo-unet")
 TRAINED = ("livo", "dpo-encoder", "dpo-unet")
+BASELINES = ("dpo-encoder", "dpo-unet")   # trained only with --baselines
 
 
 def demo_values():
@@ -186,15 +197,16 @@ def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool =
     train_root = out / "train"
     images = {"toxicity": s.eval_images, "harmless": s.eval_images, "bias": s.bias_eval_images}
     cfg = load_eval_config(overrides=toy.eval_config(
-        base_model, [method_spec(m, train_root) for m in METHODS], images, s.render_steps, s.guidance_scale,
+        base_model, [method_spec(m, train_root) for m in s.methods], images, s.render_steps, s.guidance_scale,
         limit=s.eval_prompts_per_group, mix=s.mix, seed=s.seed))
     main = Evaluation(cfg, out / "eval")
-    steps = {m: checkpoint_steps(train_root / m) for m in TRAINED}
+    steps = {m: checkpoint_steps(train_root / m) for m in s.trained}
     curve_cfg = load_eval_config(overrides=toy.eval_config(
         base_model, [method_spec("base", train_root)] + [method_spec(m, train_root, st) for m, sts in steps.items() for st in sts],
         {"toxicity": s.curve_images}, s.render_steps, s.guidance_scale, limit=s.eval_prompts_per_group,
         groups=("toxicity",), mix=s.mix, seed=s.seed))
-    curves_eval = Evaluation(curve_cfg, out / "eval-curves")
+    # The curves share the evaluation's folder: their base images are the first of base's (same prompts and seeds).
+    curves_eval = Evaluation(curve_cfg, out / "eval")
 
     total = len(main.prompts) * len(cfg.methods) + len(curves_eval.prompts) * len(curve_cfg.methods)
     with Progress(total=total, desc="evaluate", unit="prompt", disable=not progress) as bar:
@@ -203,7 +215,7 @@ def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool =
         for m in curve_cfg.methods:
             curves_eval.render(m.name, [p.id for p in curves_eval.prompts], bar)
     results = main.report()
-    curve_results = curves_eval.report()
+    curve_results = curves_eval.report(write=False)
     curves = {name: [{"step": 0, "violation_rate": curve_results["base"]["violation_rate"], "fidelity": curve_results["base"]["fidelity"]}]
                     + [{"step": st, "violation_rate": curve_results[f"{name}-step-{st:06d}"]["violation_rate"],
                         "fidelity": curve_results[f"{name}-step-{st:06d}"]["fidelity"]} for st in sts]
@@ -219,7 +231,7 @@ def run_evaluation(s: DemoSettings, out: Path, base_model: str, progress: bool =
     info = {m: {"trained": METHOD_INFO[m] or f'nothing (negative prompt "{NEGATIVE_PROMPT}")',
                 "trainable_params": trained_params(m, train_root / m) if m in TRAINED else 0,
                 "use_value": m in ("livo", "dpo-encoder"), "negative_prompt": NEGATIVE_PROMPT if m == "negative-prompt" else None}
-            for m in METHODS}
+            for m in s.methods}
     threshold = main.classifiers()[toy.TOXIC_VALUE].threshold
     return {"results": {m: {k: v for k, v in r.items() if "/" not in k} for m, r in results.items()},
             "results_per_value": {m: {k: v for k, v in r.items() if "/" in k} for m, r in results.items()},
@@ -475,7 +487,7 @@ def report_task(metrics: dict, out_dir: str, logs: dict[str, str]) -> str:
 
 
 @flow(name="livo-demo")
-def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None) -> dict:
+def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, baselines: bool = False) -> dict:
     """The whole LiVO loop on the toy world: data -> training (LiVO + baselines) -> evaluation -> report.
 
     world_dir: folder holding the world model (model/) and world CLIP (clip/); default data/toyworld.
@@ -487,11 +499,11 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None) -
     from flows.dataset import dataset_flow
 
     log = get_run_logger()
-    s = QUICK if quick else FULL
+    s = (QUICK if quick else FULL).model_copy(update={"baselines": baselines})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     toxic, bias = demo_values()
-    stages = ["data", *(f"train {m}" for m in TRAINED), "evaluate", "report"]
+    stages = ["data", *(f"train {m}" for m in s.trained), "evaluate", "report"]
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     with tqdm(total=len(stages), desc="livo demo", unit="stage", position=0) as bar:
@@ -514,6 +526,8 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None) -
 
         training = {}
         for method, cfg in train_configs(s, out / "train" / "cache").items():
+            if method not in s.trained:
+                continue
             stage(f"train {method}")
             train_dir = out / "train" / method
             shutil.rmtree(train_dir, ignore_errors=True)  # a fresh run: checkpoints of an earlier demo would mix in
@@ -552,6 +566,6 @@ def cli_demo(args) -> int:
     from flows.server import ensure_api
 
     ensure_api()
-    metrics = demo_flow(out_dir=str(out), quick=args.quick)
+    metrics = demo_flow(out_dir=str(out), quick=args.quick, baselines=args.baselines)
     print_summary(metrics, out)
     return 0

@@ -8,6 +8,7 @@ Deployments (flow name / deployment name):
   livo-dataset/dataset        build or finish a dataset run (parameters: config, run_dir)
   livo-train/training         train a value encoder on dataset runs
   livo-evaluate/evaluation    score a registry version on the nightly's held-out set (root, version)
+  livo-evaluate-model/evaluate  the paper's evaluation of value encoders on renders (config, out_dir)
   livo-nightly/nightly        the nightly loop (root, config_file, overrides); cron "0 3 * * *" UTC
 
 With a work pool, runs wait until a worker of that pool picks them up (`prefect worker start --pool livo`).
@@ -44,6 +45,7 @@ def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC"
     from prefect.types.entrypoint import EntrypointType
 
     from flows.dataset import dataset_flow
+    from flows.evaluation import evaluation_flow
     from flows.nightly import evaluate_flow, nightly_flow
     from livo_core.config import RunConfig
 
@@ -56,6 +58,8 @@ def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC"
                                                "run_dir": str(Path("runs/dataset").resolve())}, **common),
         evaluate_flow.to_deployment(name="evaluation", description="Held-out metrics of a registry version (default: production).",
                                     parameters={"root": root}, **common),
+        evaluation_flow.to_deployment(name="evaluate", description="The paper's evaluation of value encoders on renders (livo evaluate).",
+                                      parameters={"config": {}, "out_dir": str(Path("runs/eval").resolve())}, **common),
         nightly_flow.to_deployment(name="nightly", description="New data -> train -> evaluate -> promote if not worse.",
                                    schedule=CronSchedule(cron=cron, timezone=timezone), concurrency_limit=1,
                                    parameters={"root": root, "config_file": config_file}, **common),

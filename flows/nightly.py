@@ -79,6 +79,9 @@ class NightlyConfig(_Strict):
     promotion: PromotionRule = Field(default_factory=_default_rule, description="Metrics, direction and tolerance a candidate must not be worse on.")
     keep_versions: int = Field(5, ge=1, description="Registry versions kept (the production one always stays).")
     lock_timeout_s: float = Field(0.0, ge=0, description="How long a second nightly run on the same root waits for the first (0 = refuse at once).")
+    evaluation: dict | None = Field(None, description="Also run the evaluation stage (livo evaluate's config: prompt_sets, images_per_prompt, "
+                                    "inference, judges, clip_score_model, fid ...) on candidate and production; its metrics join the "
+                                    "promotion rule as eval_<metric> (e.g. eval_violation_rate, eval_fid, eval_clip_score).")
 
     @model_validator(mode="after")
     def _policy_needs_llm(self):
@@ -191,6 +194,16 @@ def dataset_lineage(run_dir: Path) -> dict:
 
     return {"run_dir": str(run_dir), "config_hash": read_run_config(run_dir).config_hash(),
             "shards": complete_shard_ids(run_dir)}
+
+
+def night_eval_config(cfg: NightlyConfig, base_model: str, encoders: dict[str, str]):
+    """The evaluation of tonight's candidate and production: cfg.evaluation with the night's models as methods."""
+    from livo_core.evaluate import load_eval_config
+
+    methods = [{"name": "base", "kind": "base"}] + [{"name": label, "kind": "livo", "encoder": folder} for label, folder in encoders.items()]
+    overrides = {"device": cfg.train.device if cfg.train.device != "auto" else "auto", "values_file": str(cfg.dataset.values_file),
+                 **cfg.evaluation, "base_model": base_model, "methods": methods}
+    return load_eval_config(None, overrides)
 
 
 def heldout_metrics(encoders: dict[str, Path], heldout_dirs: list[Path], base_model: str, train_cfg: TrainConfig,
@@ -369,6 +382,13 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
             encoders["production"] = str(registry.encoder_dir(production))
         metrics = evaluate_task(encoders, [str(heldout_dir)], base_model, train_cfg.model_dump(mode="json"),
                                 cfg.heldout.model_dump(mode="json"), str(root_dir / "cache"))
+        if cfg.evaluation is not None:   # the paper's metrics on renders, same prompts and seeds for both
+            from flows.evaluation import evaluation_flow
+
+            eval_cfg = night_eval_config(cfg, base_model, encoders)
+            results = evaluation_flow(config=eval_cfg.model_dump(mode="json"), out_dir=str(root_dir / "eval" / night))
+            for label in encoders:
+                metrics[label].update({f"eval_{k}": v for k, v in results[label].items() if isinstance(v, (int, float))})
         kill_point("nightly.evaluate")
 
         # 7. decide: register the candidate (once per night: keyed by the night), promote it only if not worse

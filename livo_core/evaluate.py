@@ -126,6 +126,8 @@ class EvalConfig(StrictModel):
     retriever: Literal["keywords", "clip", "llm"] = Field("keywords", description="How livo methods choose the value of a prompt.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="retriever = llm: its endpoint.")
     chunk_size: int = Field(8, ge=1, description="Prompts per render task.")
+    batch_size: int = Field(16, ge=1, description="Images per pipeline call; the images of several prompts share a batch, "
+                            "always of this size (the last one padded), so an image does not depend on its neighbours.")
     quality: Literal["none", "toyworld"] = Field("none", description="A quality judge of the images against their prompts (toyworld: its detectors -> fidelity).")
     grids: int = Field(6, ge=0, description="Prompts per comparison grid (base vs each method); 0 = none.")
 
@@ -246,13 +248,27 @@ class Method:
                     height=p.height or inf.height, width=p.width or inf.width)
 
     def render(self, p: EvalPrompt) -> Rendered:
-        s = self._settings(p)
+        return self.render_many([p])[0]
+
+    def render_many(self, prompts: list[EvalPrompt]) -> list[Rendered]:
+        """The images of several prompts, in shared fixed-size batches (prompts with the same settings)."""
         if self.spec.kind == "sld":
-            return self._render_sld(p, s)
+            return [self._render_sld(p, self._settings(p)) for p in prompts]
         use_value = self.spec.kind == "livo"
-        out = self.livo(p.prompt, value_id=self.spec.value_id if use_value else None, num_images=p.n, seed=p.seed,
-                        negative_prompt=self.spec.negative_prompt, use_value=use_value, mix=self.spec.mix, **s)
-        return Rendered(out.images, out.used_value_mask, out.value.id if out.value else None)
+        plans = [self.livo.plan(p.prompt, value_id=self.spec.value_id if use_value else None, num_images=p.n, seed=p.seed,
+                                negative_prompt=self.spec.negative_prompt, use_value=use_value, mix=self.spec.mix,
+                                guidance_scale=self._settings(p)["guidance_scale"]) for p in prompts]
+        groups: dict[tuple, list[int]] = {}
+        for k, p in enumerate(prompts):
+            groups.setdefault(tuple(sorted(self._settings(p).items())), []).append(k)
+        images: dict[int, list[Image.Image]] = {}
+        for settings, members in groups.items():
+            jobs = [job for k in members for job in plans[k].jobs]
+            flat = self.livo.render_jobs(jobs, batch_size=self.cfg.batch_size, **dict(settings))
+            for k in members:
+                images[k], flat = flat[:prompts[k].n], flat[prompts[k].n:]
+        return [Rendered(images[k], plans[k].used_value_mask, plans[k].value.id if plans[k].value else None)
+                for k in range(len(prompts))]
 
     def _render_sld(self, p: EvalPrompt, s: dict) -> Rendered:
         from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
@@ -393,16 +409,21 @@ class Generated:
         return out
 
 
-def render_all(methods: list[Method], prompts: list[EvalPrompt], store: Store, progress=None) -> int:
-    """Render every (method, prompt) whose images are not stored yet; returns how many prompts were rendered."""
+def render_all(methods: list[Method], prompts: list[EvalPrompt], store: Store, progress=None, group: int = 8) -> int:
+    """Render every (method, prompt) whose images are not stored yet, `group` prompts per batched call; each
+    prompt is stored (done.json last) as soon as its group is rendered. Returns how many prompts were rendered."""
     rendered = 0
     for method in methods:
-        for p in prompts:
-            if not store.done(method.name, p):
-                store.save(method.name, p, method.render(p))
+        todo = [p for p in prompts if not store.done(method.name, p)]
+        if progress is not None:
+            progress.update(len(prompts) - len(todo))
+        for start in range(0, len(todo), group):
+            part = todo[start:start + group]
+            for p, r in zip(part, method.render_many(part)):
+                store.save(method.name, p, r)
                 rendered += 1
             if progress is not None:
-                progress.update(1)
+                progress.update(len(part))
     return rendered
 
 
@@ -726,7 +747,7 @@ class Evaluation:
             if progress is not None:
                 progress.update(len(todo))
             return 0
-        return render_all([self.methods()[method]], todo, self.store, progress)
+        return render_all([self.methods()[method]], todo, self.store, progress, group=self.cfg.chunk_size)
 
     def generated(self, method: str, prompt_ids: list[str] | None = None, progress=None) -> list[Generated]:
         """The stored images of a method, judged (from the judge cache, or now)."""
@@ -735,8 +756,10 @@ class Evaluation:
         judge_generated(gens, self.classifiers(), self.values, self.cache, self.quality(), progress)
         return gens
 
-    def report(self) -> dict:
-        """Metrics of every method (metrics.json), report.md, per_prompt.csv, grids; returns the metrics."""
+    def report(self, write: bool = True) -> dict:
+        """Metrics of every method (metrics.json), report.md, per_prompt.csv, grids; returns the metrics.
+
+        write=False only computes (an evaluation that shares another's folder, e.g. the demo's curves)."""
         names = [m.name for m in self.cfg.methods]
         gens = {name: self.generated(name) for name in names}
         base = gens[names[0]]
@@ -754,7 +777,8 @@ class Evaluation:
             extractor = self.fid_extractor or inception_extractor(self.cfg.fid_weights)
             for name in names[1:]:
                 results[name]["fid"] = fid_against(gens[name], base, extractor)
-        write_report(self.out, self.cfg, results, gens)
+        if write:
+            write_report(self.out, self.cfg, results, gens)
         return results
 
     fid_extractor = None   # tests set a small feature extractor (no Inception download)

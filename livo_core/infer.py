@@ -78,6 +78,24 @@ class LiVOOutput:
     seeds: list[int] = field(default_factory=list)   # per image generator seed: seed + i
 
 
+@dataclass
+class ImageJob:
+    """One image to render: its conditioning (L, D), its negative branch (L, D; None without guidance), its seed."""
+
+    embeds: torch.Tensor
+    negative: torch.Tensor | None
+    seed: int
+
+
+@dataclass
+class LiVOPlan:
+    jobs: list[ImageJob]
+    value: ValuePrinciple | None
+    used_value_mask: list[bool]
+    retrieval: Retrieval | None
+    seeds: list[int]
+
+
 def value_mask(num_images: int, mix: float, seed: int) -> list[bool]:
     """Which images get the value token: round(mix * n) of them, rounded at random, chosen by `seed`.
 
@@ -208,6 +226,64 @@ class LiVOPipeline:
             for i, img in zip(valued, out.images):
                 images[i] = img
         return LiVOOutput(images, value, mask, retrieval, seeds)
+
+    # ------------------------------------------------------------------ batched rendering (evaluation)
+    @torch.no_grad()
+    def plan(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
+             negative_prompt: str | None = None, use_value: bool = True, mix: float | None = None,
+             guidance_scale: float = 7.5) -> "LiVOPlan":
+        """What `__call__` would render, as one ImageJob per image (conditioning, negative, seed), without
+        rendering: `render_jobs` then renders the jobs of many prompts in shared, fixed-size batches."""
+        if num_images < 1:
+            raise LivoError(f"num_images must be at least 1, got {num_images}")
+        retrieval = self.choose_value(prompt, value_id) if use_value else None
+        value = retrieval.value if retrieval else None
+        if value is None:
+            mask = [False] * num_images
+        elif value.kind == "bias":
+            mask = value_mask(num_images, self.mix if mix is None else mix, seed)
+        else:
+            mask = [True] * num_images
+        cfg = guidance_scale > 1.0   # the pipeline's own rule for classifier-free guidance
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        variants = {}
+        if not all(mask):   # plain SD, as the pipeline encodes it: 77 tokens, negative "" (or the negative prompt)
+            variants[False] = (encode_prompts(te, tok, [prompt]).to(self.pipe.dtype)[0],
+                               encode_prompts(te, tok, [negative_prompt or ""]).to(self.pipe.dtype)[0] if cfg else None)
+        if any(mask):
+            if self.layout == "official":   # the negative exactly as diffusers pads it: to the prompt's n + 1 tokens
+                embeds = self.official_embeds(value.principle, prompt)[0]
+                ids = tok([negative_prompt or ""], padding="max_length", max_length=embeds.shape[0], truncation=True,
+                          return_tensors="pt").input_ids
+                negative = te(ids.to(self.pipe.device))[0][0].to(self.pipe.dtype) if cfg else None
+            else:
+                embeds = self.embeds_with_value(value.principle, [prompt])[0]
+                negative = self.negative_embeds(value.principle, negative_prompt or "")[0] if cfg else None
+            variants[True] = (embeds, negative)
+        jobs = [ImageJob(*variants[mask[i]], seed + i) for i in range(num_images)]
+        return LiVOPlan(jobs, value, mask, retrieval, [seed + i for i in range(num_images)])
+
+    @torch.no_grad()
+    def render_jobs(self, jobs: list["ImageJob"], steps: int, guidance_scale: float, height: int | None,
+                    width: int | None, batch_size: int = 16) -> list[Image.Image]:
+        """Render ImageJobs (of any prompts) in batches of exactly `batch_size` (the last one padded with
+        copies), grouped by conditioning length: an image then depends only on its own job, never on its
+        neighbours (CPU kernels pick their algorithm by batch size; see livo_core.render)."""
+        images: list[Image.Image | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.embeds.shape[0], job.negative is None), []).append(i)
+        for (_, no_negative), members in groups.items():
+            for start in range(0, len(members), batch_size):
+                idx = members[start:start + batch_size]
+                padded = idx + [idx[-1]] * (batch_size - len(idx))
+                out = self.pipe(prompt_embeds=torch.stack([jobs[i].embeds for i in padded]),
+                                negative_prompt_embeds=None if no_negative else torch.stack([jobs[i].negative for i in padded]),
+                                generator=[torch.Generator("cpu").manual_seed(jobs[i].seed) for i in padded],
+                                num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width)
+                for i, img in zip(idx, out.images):
+                    images[i] = img
+        return images
 
     def _generators(self, seeds: list[int], which: list[int]) -> list[torch.Generator]:
         # CPU generators: the same seed gives the same noise on every device (diffusers moves it over).

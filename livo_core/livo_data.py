@@ -18,6 +18,8 @@ so training reads the same "<principle>, <prompt>" text that retrieval and infer
 `keep_value_text=True` the official wording is kept instead. A value that matches no principle gets a new
 id (a slug of its text), keeps its text, and is listed under `new_values` in the stats.
 
+Each pair's `group_id` is its scene: with `resample_violating = true` the trainer pairs an aligned image
+with a random violating image of its scene at every step, as the official dataset's `__getitem__` does.
 Columns the official data does not have (seeds, CLIP and safety scores, attributes, render prompts) are
 null; `aligned_prompt` / `violating_prompt` hold the prompt recorded with each image; `prompt_source` is
 "livo-official". Images are stored as their original file bytes (JPEG or PNG), checked to decode.
@@ -260,6 +262,7 @@ def _row(p: OfficialPair, shard_id: str, config_hash: str) -> dict:
         "aligned_prompt": p.aligned.prompt, "violating_prompt": p.violating.prompt,
         "config_hash": config_hash, "shard_id": shard_id,
         "prompt_source": PROMPT_SOURCE,
+        "group_id": p.scene,   # training's resample_violating draws a fresh violating image of the same scene
     }   # seeds, CLIP/safety scores, attributes, classifier fields: absent in the official data -> null.
     # base_model too: that column names the model that RENDERED the images, which the data does not record.
 

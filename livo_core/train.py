@@ -97,6 +97,8 @@ class TrainConfig(StrictModel):
     resample_violating: bool = Field(False, description="Pair each aligned image with the violating image of a random pair of its group each step (data imported with `livo import-livo-data`: a scene), as the authors' dataset does.")
     verify_cache: bool = Field(True, description="Check every cached piece's sha256 before training (reads the whole cache once); False checks sizes only.")
     encode_batch_size: int = Field(16, ge=1, description="Images per VAE call while filling the cache.")
+    channels_last: bool = Field(True, description="UNet in channels-last memory format (faster convolutions: 2.58 -> 2.86 steps/s on the toy world on 2 CPU cores; what GPUs' fp16 kernels prefer).")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (GPU: faster steps after a one-off compile; needs a C++ compiler on CPU).")
 
 
 def load_train_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None,
@@ -442,7 +444,8 @@ def _truncate_logs(out_dir: Path, step: int) -> None:
 
 # Fields that only say how long to train, how often to write and how to check: changing them does not
 # make a different training run, so `--resume latest` may change them (e.g. train longer).
-BOOKKEEPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "verify_cache", "encode_batch_size"}
+BOOKKEEPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "verify_cache", "encode_batch_size",
+               "gradient_checkpointing", "channels_last", "compile_unet"}
 
 
 def run_identity(cfg: TrainConfig, data_dirs: list[Path]) -> str:
@@ -571,6 +574,11 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
     sd.vae, sd.text_encoder = None, None   # not needed in the loop
     log.info("%d pairs, latents %s", len(data), data.latent_shape)
     unet = sd.unet.to(accelerator.device)
+    # Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default processor on torch 2).
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    if cfg.compile_unet:
+        unet = torch.compile(unet)
     if cfg.gradient_checkpointing:
         # Gradients flow through the frozen UNet to the value token, so its activations are what fill memory.
         unet.enable_gradient_checkpointing()

@@ -11,7 +11,8 @@ It implements `POST /v1/chat/completions` in OpenAI's response format, so the re
         server.error(429)                      # queue an HTTP error (sent with `retry-after-ms: 1`,
         server.error(500, "boom")              #   so the client's retries are immediate)
         server.reply({"pairs": []}, delay_s=2) # ... a reply sent after a delay (timeouts)
-        server.default = lambda body: {...}    # used when the queue is empty: body -> dict | str
+        server.reply("Yes", logprobs=[("Yes", -0.1), ("No", -2.4)])   # with the first token's top_logprobs
+        server.default = lambda body: {...}    # used when the queue is empty: body -> dict | str | (str, logprobs)
         cfg = LLMConfig(base_url=server.base_url, model="test-model")   # "http://127.0.0.1:PORT/v1"
         ...
         server.count                           # requests received so far
@@ -50,13 +51,19 @@ class _Scripted:
     content: str = ""
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    logprobs: list[tuple[str, float]] | None = None
 
 
-def completion(content: str, model: str = "test-model") -> dict:
-    """An OpenAI chat.completion object whose single choice says `content`."""
+def completion(content: str, model: str = "test-model", logprobs: list[tuple[str, float]] | None = None) -> dict:
+    """An OpenAI chat.completion object whose single choice says `content` (with the first token's
+    top_logprobs when given, as vLLM and OpenAI send them for `logprobs=True, top_logprobs=N`)."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    if logprobs:
+        tops = [{"token": t, "logprob": lp, "bytes": None} for t, lp in logprobs]
+        choice["logprobs"] = {"content": [{**tops[0], "top_logprobs": tops}]}
     return {
         "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [choice],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
 
@@ -72,10 +79,10 @@ class OpenAIServer:
         self.port: int | None = None
 
     # ---------------------------------------------------------------- scripting
-    def reply(self, content: dict | list | str, delay_s: float = 0.0) -> "OpenAIServer":
+    def reply(self, content: dict | list | str, delay_s: float = 0.0, logprobs=None) -> "OpenAIServer":
         text = content if isinstance(content, str) else json.dumps(content)
         with self._lock:
-            self._queue.append(_Scripted(200, text, delay_s))
+            self._queue.append(_Scripted(200, text, delay_s, logprobs=logprobs))
         return self
 
     def error(self, status: int, message: str = "scripted error") -> "OpenAIServer":
@@ -116,13 +123,14 @@ class OpenAIServer:
                     scripted = server._queue.popleft() if server._queue else None
                 if scripted is None and server.default is not None:
                     out = server.default(body)
-                    scripted = _Scripted(200, out if isinstance(out, str) else json.dumps(out))
+                    out, logprobs = out if isinstance(out, tuple) else (out, None)
+                    scripted = _Scripted(200, out if isinstance(out, str) else json.dumps(out), logprobs=logprobs)
                 if scripted is None:
                     return self._send(400, json.dumps({"error": {"message": "no scripted response left"}}))
                 if scripted.delay_s:
                     time.sleep(scripted.delay_s)
                 if scripted.status == 200:
-                    text = json.dumps(completion(scripted.content, body.get("model", "test-model")))
+                    text = json.dumps(completion(scripted.content, body.get("model", "test-model"), scripted.logprobs))
                     return self._send(200, text)
                 return self._send(scripted.status, scripted.content, scripted.headers)
 

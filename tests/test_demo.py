@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path):
     from flows.demo import demo_flow
 
     out = tmp_path / "demo"
-    returned = demo_flow(out_dir=str(out), quick=True)
+    returned = demo_flow(out_dir=str(out), quick=True, baselines=True)
 
     for name in ("report.md", "metrics.json", "grid.png", "training_curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

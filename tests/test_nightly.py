@@ -145,8 +145,18 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
     def rule(tolerance):
         return {"metrics": [{"metric": "heldout_pref_acc", "direction": "max", "tolerance": tolerance}]}
 
-    promoted = nightly_flow(root=str(tolerant), overrides={**small_nightly(toyworld_model, promotion=rule(1.0)), **control})
-    kept = nightly_flow(root=str(root), overrides={**small_nightly(toyworld_model, promotion=rule(0.0)), **control})
+    # ... and both nights also run the evaluation stage on the renders of candidate and production
+    from livo_core.toyworld.evaluation import prompt_sets
+
+    evaluation = {"prompt_sets": prompt_sets({"toxicity": 2}, limit=1, groups=("toxicity",)), "quality": "toyworld",
+                  "inference": {"steps": 10, "guidance_scale": 5.0, "height": 32, "width": 32}, "fid": False}
+    promoted = nightly_flow(root=str(tolerant), overrides={**small_nightly(toyworld_model, promotion=rule(1.0)), **control,
+                                                           "evaluation": evaluation})
+    kept = nightly_flow(root=str(root), overrides={**small_nightly(toyworld_model, promotion=rule(0.0)), **control,
+                                                   "evaluation": evaluation})
+    for label in ("candidate", "production"):
+        assert {"eval_violation_rate", "eval_fidelity", "eval_retrieval_accuracy"} <= set(kept["metrics"][label])
+    assert (root / "eval" / "night-0002" / "report.md").is_file()
 
     assert kept["night"] == promoted["night"] == "night-0002" and kept["seed"] == first["seed"] + 1
     cand, prod = kept["metrics"]["candidate"]["heldout_pref_acc"], kept["metrics"]["production"]["heldout_pref_acc"]

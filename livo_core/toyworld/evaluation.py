@@ -97,7 +97,7 @@ def eval_config(base_model: str, methods: list[dict], images: dict[str, int], st
     return {"base_model": base_model, "values_file": str(DATA_DIR / "toyworld" / "values.yaml"), "device": "cpu",
             "prompt_sets": prompt_sets(images, limit, groups), "methods": methods, "quality": "toyworld",
             "inference": {"steps": steps, "guidance_scale": guidance_scale, "mix": mix, "height": 32, "width": 32},
-            "fid": False, "clip_score_model": None, "grids": 0, **extra}
+            "fid": False, "clip_score_model": None, "grids": 0, "batch_size": 64, "chunk_size": 16, **extra}
 
 
 def shipped_sets_are_current() -> bool:

@@ -1,0 +1,163 @@
+"""The evaluation flow: the paper's evaluation of value encoders on any SD 1.x model, on Prefect.
+
+    livo evaluate --encoder DIR --out OUT [--config eval.toml] [--set key=value ...] [--preset official]
+
+One task per (method, chunk of prompts) renders the images that are not stored yet (OUT/images/...; a
+killed run renders again only unfinished prompts), then one task judges every image and writes the metrics
+and the report (livo_core.evaluate): OUT/report.md (the paper-style table), OUT/per_prompt.csv,
+OUT/metrics.json, OUT/grid-<method>.png, and the same as Prefect artifacts. Models are loaded once per
+process and never passed to tasks: tasks get the config as a dict and the output folder as a string.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+
+from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from livo_core.config import parse_override
+from livo_core.errors import LivoError
+from livo_core.evaluate import EvalConfig, Evaluation, load_eval_config
+from livo_core.paths import DATA_DIR
+
+PRESETS = {"official": DATA_DIR / "configs" / "eval-official.toml"}
+
+_EVALUATIONS: dict[str, Evaluation] = {}
+_LOCK = threading.Lock()
+
+
+def evaluation_for(config: dict, out_dir: str) -> Evaluation:
+    """The Evaluation of this config and folder, built once per process (its models load on first use)."""
+    key = json.dumps([config, out_dir], sort_keys=True, default=str)
+    with _LOCK:
+        if key not in _EVALUATIONS:
+            _EVALUATIONS.clear()
+            _EVALUATIONS[key] = Evaluation(EvalConfig.model_validate(config), Path(out_dir))
+        return _EVALUATIONS[key]
+
+
+@task(name="evaluate-render", task_run_name="render-{method}-{chunk}")
+def render_task(config: dict, out_dir: str, method: str, chunk: int, prompt_ids: list[str]) -> int:
+    """Render one method's images of one chunk of prompts (those not stored yet). Returns prompts rendered."""
+    return evaluation_for(config, out_dir).render(method, prompt_ids)
+
+
+@task(name="evaluate-report")
+def report_task(config: dict, out_dir: str) -> dict:
+    """Judge every image (cached by image and judge), compute the metrics, write the report; publish artifacts."""
+    ev = evaluation_for(config, out_dir)
+    results = ev.report()
+    out = Path(out_dir)
+    rows = [{"method": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+                                if not isinstance(v, dict)}} for name, m in results.items()]
+    create_table_artifact(table=rows, key="livo-evaluation-metrics", description=f"livo evaluate: metrics per method ({out})")
+    report = (out / "report.md").read_text()
+    for png in sorted(out.glob("grid-*.png")):
+        report = report.replace(f"]({png.name})", f"](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+    create_markdown_artifact(markdown=report, key="livo-evaluation-report", description=f"livo evaluate report ({out / 'report.md'})")
+    return results
+
+
+@flow(name="livo-evaluate-model", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def evaluation_flow(config: dict, out_dir: str) -> dict:
+    """Evaluate the configured methods on the configured prompt sets; returns {method: metrics}."""
+    from livo_core.lock import RunLock
+    from livo_core.progress import Progress
+
+    log = get_run_logger()
+    cfg = EvalConfig.model_validate(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, purpose="livo evaluate", timeout_s=0):
+        from livo_core.files import atomic_write_text, clean_tmp_files
+
+        clean_tmp_files(out)
+        atomic_write_text(out / "eval_config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+        ev = evaluation_for(config, out_dir)
+        chunks = ev.chunks()
+        with Progress(total=len(cfg.methods) * len(chunks), desc="evaluate: render", unit="chunk") as bar:
+            for m in cfg.methods:
+                for k, ids in enumerate(chunks):
+                    render_task(config, out_dir, m.name, k, ids)
+                    bar.update(1)
+        results = report_task(config, out_dir)
+    log.info("evaluation report: %s", out / "report.md")
+    return results
+
+
+def check_eval_inputs(cfg: EvalConfig, out: Path) -> None:
+    """What can be checked before Prefect starts or anything is written; raises LivoError."""
+    from livo_core.encoder import ValueEncoder
+    from livo_core.evaluate import load_prompts
+    from livo_core.files import check_writable
+    from livo_core.models import check_model_source, resolve_device
+    from livo_core.values import load_values
+
+    check_writable(out, "--out")
+    check_model_source(cfg.base_model)
+    resolve_device(cfg.device)
+    values = {v.id for v in load_values(cfg.values_file)}
+    for m in cfg.methods:
+        if m.kind == "livo":
+            folder = m.encoder or cfg.encoder
+            if folder is None:
+                raise LivoError(f"method {m.name!r} (livo) needs a value encoder: pass --encoder DIR")
+            ValueEncoder.from_pretrained(folder)          # missing or damaged -> one line naming it
+        if m.value_id is not None and m.value_id not in values:
+            raise LivoError(f"method {m.name!r} applies value {m.value_id!r}, not in {cfg.values_file}: choose one of {', '.join(sorted(values))}")
+        if m.kind == "unet" and (m.unet is None or not Path(m.unet).is_dir()):
+            raise LivoError(f"method {m.name!r} (unet) needs unet = an existing UNet or LoRA folder (got {m.unet})")
+    if cfg.methods and cfg.methods[0].kind != "base":
+        raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
+    load_prompts(cfg)   # every prompt file readable, with a prompt column
+
+
+def cli_evaluate(args) -> int:
+    """`livo evaluate`: build the config (preset < --config < --encoder/--set), check it, run the flow."""
+    from livo_core.config import _read_file
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.encoder:
+        overrides["encoder"] = args.encoder
+    if args.base_model:
+        overrides["base_model"] = args.base_model
+    if args.methods:
+        overrides["methods"] = [_method_from_flag(m) for m in args.methods.split(",")]
+    data = {}
+    if args.preset:
+        data.update(_read_file(PRESETS[args.preset]))
+    if args.config:
+        data.update(_read_file(Path(args.config)))
+    cfg = load_eval_config(None, {**data, **overrides})
+    out = Path(args.out)
+    check_eval_inputs(cfg, out)
+    from flows.server import ensure_api
+
+    ensure_api()
+    results = evaluation_flow(config=cfg.model_dump(mode="json"), out_dir=str(out))
+    for name, m in results.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and "/" not in k)
+        print(f"livo: {name}: {shown}")
+    print(f"livo: report {out / 'report.md'}, per-prompt results {out / 'per_prompt.csv'}, metrics {out / 'metrics.json'}")
+    return 0
+
+
+def _method_from_flag(text: str) -> dict:
+    """--methods base,livo,negative-prompt,sld:strong,livo:gender-equality -> MethodSpec dicts."""
+    kind, _, arg = text.strip().partition(":")
+    if kind == "base":
+        return {"name": "base", "kind": "base"}
+    if kind == "livo":
+        return {"name": f"livo-{arg}" if arg else "livo", "kind": "livo", **({"value_id": arg} if arg else {})}
+    if kind == "negative-prompt":
+        return {"name": "negative-prompt", "kind": "negative-prompt", "negative_prompt": arg or "nudity, blood, gore, zombie"}
+    if kind == "sld":
+        return {"name": f"sld-{arg or 'medium'}", "kind": "sld", "sld": arg or "medium"}
+    raise LivoError(f"unknown method {text!r} in --methods: use base, livo[:value id], negative-prompt[:text], sld[:weak|medium|strong|max] "
+                    "(other kinds, e.g. a UNet folder, go in the config's [[methods]])")
