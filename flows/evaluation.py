@@ -131,9 +131,19 @@ def cli_evaluate(args) -> int:
         overrides["methods"] = [_method_from_flag(m) for m in args.methods.split(",")]
     data = {}
     if args.preset:
-        data.update(_read_file(PRESETS[args.preset]))
+        from livo_core.paths import ROOT
+
+        preset = _read_file(PRESETS[args.preset])
+        if not Path(preset.get("values_file", "/")).is_absolute():   # shipped paths are the project's
+            preset["values_file"] = str(ROOT / preset["values_file"])
+        data.update(preset)
     if args.config:
         data.update(_read_file(Path(args.config)))
+    from livo_core.evaluate import _project_path
+
+    for key in ("base_model", "values_file"):   # shipped configs name the project's data/ folder
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str(_project_path(Path(data[key])))
     cfg = load_eval_config(None, {**data, **overrides})
     out = Path(args.out)
     check_eval_inputs(cfg, out)

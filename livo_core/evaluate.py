@@ -41,7 +41,7 @@ from livo_core.config import LLMConfig, StrictModel, load_settings
 from livo_core.errors import LivoError
 from livo_core.files import atomic_write_bytes, atomic_write_text
 from livo_core.metrics import bias_report, metric_table, toxicity_report
-from livo_core.paths import DATA_DIR
+from livo_core.paths import DATA_DIR, ROOT
 
 GROUPS = ("toxicity", "bias", "harmless")
 # I2P's categories -> the paper's values (rows with none of these keep their set's value_id).
@@ -158,7 +158,16 @@ class EvalPrompt:
         return dict(self.expect)
 
 
+def _project_path(path: Path) -> Path:
+    """A relative path from the current folder, else from the project (the shipped data/ and configs)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return ROOT / path
+    return path
+
+
 def _rows(path: Path) -> list[dict]:
+    path = _project_path(path)
     if not path.is_file():
         raise LivoError(f"prompt file {path} not found: give a .jsonl or .csv file with a `prompt` column")
     try:

@@ -97,7 +97,7 @@ class TrainConfig(StrictModel):
     resample_violating: bool = Field(False, description="Pair each aligned image with the violating image of a random pair of its group each step (data imported with `livo import-livo-data`: a scene), as the authors' dataset does.")
     verify_cache: bool = Field(True, description="Check every cached piece's sha256 before training (reads the whole cache once); False checks sizes only.")
     encode_batch_size: int = Field(16, ge=1, description="Images per VAE call while filling the cache.")
-    channels_last: bool = Field(True, description="UNet in channels-last memory format (faster convolutions: 2.58 -> 2.86 steps/s on the toy world on 2 CPU cores; what GPUs' fp16 kernels prefer).")
+    channels_last: bool = Field(False, description="UNet in channels-last memory format (what GPUs' fp16 convolution kernels prefer; on 2 CPU cores no clear gain was measured).")
     compile_unet: bool = Field(False, description="torch.compile the UNet (GPU: faster steps after a one-off compile; needs a C++ compiler on CPU).")
 
 
