@@ -89,7 +89,9 @@ def pixels(paths) -> list[np.ndarray]:
 
 
 def test_every_method_same_seeds_sld_and_paper_metrics(world, tiny_sd, tiny_clip, tmp_path):
-    ev = Evaluation(load_eval_config(overrides=config(world, tiny_sd, tiny_clip)), tmp_path / "out")
+    # 10 steps: SLD's safety guidance starts after its warm-up (7 steps for the strong preset)
+    cfg = config(world, tiny_sd, tiny_clip, inference={"steps": 10, "guidance_scale": 2.0, "height": 32, "width": 32})
+    ev = Evaluation(load_eval_config(overrides=cfg), tmp_path / "out")
     results = ev.run(progress=False)
     gens = {m: {g.prompt.id: g for g in ev.generated(m)} for m in ("base", "livo", "negative", "sld")}
     harmless = [p for p in ev.prompts if p.group == "harmless"]
@@ -192,8 +194,9 @@ def test_vlm_judge_over_the_chat_api(world, tiny_sd, tiny_clip, tmp_path, capfd,
         ev2 = Evaluation(load_eval_config(overrides=cfg), tmp_path / "text")
         ev2.run(progress=False)
         assert set(ev2.generated("base")[0].scores) == {1.0}
-        cached = next((tmp_path / "text" / "cache" / "judge").rglob("*.json"))
-        assert json.loads(cached.read_text())["source"] == "text"
+        verdicts = [json.loads(p.read_text()) for p in (tmp_path / "text" / "cache" / "judge").rglob("*.json")]
+        vlm = [v for v in verdicts if "source" in v]      # (the bias set's CLIP verdicts have no source)
+        assert vlm and {v["source"] for v in vlm} == {"text"}
 
         # a malformed reply: one line naming the endpoint, finished images kept
         server.default = lambda body: "maybe"
@@ -201,14 +204,23 @@ def test_vlm_judge_over_the_chat_api(world, tiny_sd, tiny_clip, tmp_path, capfd,
         cfg_file.write_text(yaml.safe_dump(cfg))
         capfd.readouterr()
         assert main(["evaluate", "--config", str(cfg_file), "--out", str(tmp_path / "bad")]) == 2
-        err = capfd.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("livo: error: ") and server.base_url in err[0] and "'maybe'" in err[0]
+        err = _error_lines(capfd)
+        assert len(err) == 1 and server.base_url in err[0] and "'maybe'" in err[0]
         assert list((tmp_path / "bad" / "images" / "base").glob("*/done.json"))   # rendered images kept
     # the server is down now
     capfd.readouterr()
     assert main(["evaluate", "--config", str(cfg_file), "--out", str(tmp_path / "bad")]) == 2
-    err = capfd.readouterr().err.strip().splitlines()
+    err = _error_lines(capfd)
     assert len(err) == 1 and "unreachable" in err[0] and server.base_url in err[0]
+
+
+def _error_lines(capfd) -> list[str]:
+    """The `livo: error:` lines of a failed run: exactly one, the last line, and no traceback (progress lines of
+    the work done before the failure may precede it)."""
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and err[-1].startswith("livo: error: "), err
+    assert all(ln.startswith("livo: ") for ln in err), err
+    return [ln for ln in err if ln.startswith("livo: error: ")]
 
 
 # --------------------------------------------------------------------------- FID and CLIP score
@@ -285,7 +297,17 @@ def test_clip_score_equals_torchmetrics(tiny_hf_clip):
     images = [Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)) for _ in range(5)]
     texts = ["a red bicycle", "a bloody knight in a dark forest at night", "a cat", "a doctor", "a lake"]
     ours = clip_score(HFClipScorer(str(tiny_hf_clip), device="cpu"), images, texts)
-    reference = CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(tiny_hf_clip), CLIPProcessor.from_pretrained(tiny_hf_clip)))
+
+    class Features(CLIPModel):
+        # transformers 5 returns an output object from get_*_features (its pooler_output is the projected
+        # embedding); torchmetrics 1.9 expects the tensor. The same model, giving torchmetrics the tensor.
+        def get_image_features(self, *a, **kw):
+            return super().get_image_features(*a, **kw).pooler_output
+
+        def get_text_features(self, *a, **kw):
+            return super().get_text_features(*a, **kw).pooler_output
+
+    reference = CLIPScore(model_name_or_path=lambda: (Features.from_pretrained(tiny_hf_clip), CLIPProcessor.from_pretrained(tiny_hf_clip)))
     reference.update([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images], texts)
     assert ours == pytest.approx(float(reference.compute()), abs=1e-4)
     # the mean is clipped at 0, not each image: with some negative cosines both give the same number
