@@ -376,7 +376,11 @@ class Store:
         return self.root / method / p.id
 
     def done(self, method: str, p: EvalPrompt) -> bool:
-        return (self.folder(method, p) / "done.json").is_file()
+        """The prompt's images are all stored (at least p.n of them: a folder can be shared)."""
+        try:
+            return len(json.loads((self.folder(method, p) / "done.json").read_text())["sha256"]) >= p.n
+        except (OSError, ValueError, KeyError):
+            return False
 
     def save(self, method: str, p: EvalPrompt, r: Rendered) -> None:
         from livo_core.render import image_to_bytes
@@ -393,7 +397,11 @@ class Store:
     def load(self, method: str, p: EvalPrompt) -> "Generated":
         folder = self.folder(method, p)
         meta = json.loads((folder / "done.json").read_text())
-        return Generated(p, [folder / f"{j}.png" for j in range(p.n)], meta["used_value"], meta["retrieved"], meta["sha256"])
+        if len(meta["sha256"]) < p.n:
+            raise LivoError(f"{folder} holds {len(meta['sha256'])} images, the evaluation asks for {p.n}: evaluate into a new --out")
+        # another evaluation sharing this folder may have rendered more images of the prompt: the first p.n
+        return Generated(p, [folder / f"{j}.png" for j in range(p.n)], meta["used_value"][: p.n], meta["retrieved"],
+                         meta["sha256"][: p.n])
 
 
 @dataclass
