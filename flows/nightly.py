@@ -445,7 +445,8 @@ def _comparison_artifact(night, candidate, production, promoted, reason, metrics
 
 @flow(name="livo-evaluate")
 def evaluate_flow(root: str = "runs/nightly", version: str | None = None) -> dict:
-    """Score a registry version (default: production) on the nightly's held-out set; returns its metrics."""
+    """Score a registry version (default: production) on the nightly's held-out set (denoising metrics; the
+    renders' eval_* metrics are `livo evaluate`'s); returns its metrics."""
     log = get_run_logger()
     root_dir = Path(root)
     if not (root_dir / "nightly_config.json").is_file():

@@ -183,7 +183,9 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
     state = json.loads((root / "nights" / "night-0002.json").read_text())
     assert state["status"] == "done" and state["decision"]["reason"] == kept["reason"] and state["data"] == "data/night-0002"
 
-    # The evaluation flow (the `evaluation` deployment) scores production on the same held-out draws.
+    # The evaluation flow (the `evaluation` deployment) scores production on the same held-out draws (the
+    # renders' eval_* metrics come from `livo evaluate`, not from this flow).
     from flows.nightly import evaluate_flow
 
-    assert evaluate_flow(root=str(root)) == pytest.approx(kept["metrics"]["production"])
+    heldout = {k: v for k, v in kept["metrics"]["production"].items() if not k.startswith("eval_")}
+    assert evaluate_flow(root=str(root)) == pytest.approx(heldout)
