@@ -42,6 +42,12 @@ def tree_rss(proc: psutil.Process) -> tuple[int, str, int]:
     return total, top, top_rss
 
 
+def used_memory() -> int:
+    """The machine's memory in use that it cannot reclaim (MemTotal - MemAvailable): counts tmpfs files too."""
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
+
+
 def measure(variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "livo"
@@ -52,7 +58,8 @@ def measure(variant: str) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.Popen(["bash", "scripts/setup.sh"], cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         ps = psutil.Process(proc.pid)
-        peak = {"total": 0, "top": "", "top_rss": 0}
+        peak = {"total": 0, "top": "", "top_rss": 0, "pip": 0, "used": 0}
+        used0 = used_memory()
         stop = threading.Event()
 
         def watch():
@@ -60,6 +67,9 @@ def measure(variant: str) -> dict:
                 total, top, top_rss = tree_rss(ps)
                 if total > peak["total"]:
                     peak.update(total=total, top=top, top_rss=top_rss)
+                if "pip" in top:   # while pip runs (the last step is an import check, not pip)
+                    peak["pip"] = max(peak["pip"], total)
+                peak["used"] = max(peak["used"], used_memory() - used0)
 
         t = threading.Thread(target=watch, daemon=True)
         t.start()
@@ -70,6 +80,7 @@ def measure(variant: str) -> dict:
             raise SystemExit(f"setup failed ({variant}): {err.decode()[-2000:]}")
         venv = sum(f.stat().st_size for f in (clone / ".venv").rglob("*") if f.is_file())
         return {"variant": variant, "seconds": time.perf_counter() - t0, "peak_gib": peak["total"] / 2**30,
+                "pip_peak_gib": peak["pip"] / 2**30, "used_gib": peak["used"] / 2**30,
                 "top": peak["top"], "top_gib": peak["top_rss"] / 2**30, "venv_gib": venv / 2**30}
 
 
@@ -82,7 +93,8 @@ def main() -> None:
     for v in args.variant.split(","):
         r = measure(v)
         rows.append(r)
-        print(f"{v}: peak {r['peak_gib']:.2f} GiB (largest process {r['top_gib']:.2f} GiB: {r['top']}), "
+        print(f"{v}: peak {r['peak_gib']:.2f} GiB (largest process {r['top_gib']:.2f} GiB: {r['top']}), while pip ran "
+              f"{r['pip_peak_gib']:.2f} GiB; machine's unreclaimable memory +{r['used_gib']:.2f} GiB, "
               f"{r['seconds']:.0f} s, venv {r['venv_gib']:.1f} GiB", flush=True)
     if args.write_doc:
         from doc_section import machine, write_section
@@ -91,9 +103,11 @@ def main() -> None:
             f"- command: `.venv/bin/python bench/setup_memory.py {' '.join(sys.argv[1:])}`",
             f"- machine: {machine()}",
             "",
-            "| variant | peak RSS of the process tree (GiB) | largest process (GiB) | seconds | .venv (GiB) |",
-            "|---|---|---|---|---|",
-            *[f"| {r['variant']} | {r['peak_gib']:.2f} | {r['top_gib']:.2f} (`{r['top']}`) | {r['seconds']:.0f} | {r['venv_gib']:.1f} |" for r in rows],
+            "| variant | peak RSS of the process tree (GiB) | largest process at that peak (GiB) | peak while pip ran (GiB) | "
+            "machine's unreclaimable memory, rise (GiB) | seconds | .venv (GiB) |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| {r['variant']} | {r['peak_gib']:.2f} | {r['top_gib']:.2f} (`{r['top']}`) | {r['pip_peak_gib']:.2f} | "
+              f"{r['used_gib']:.2f} | {r['seconds']:.0f} | {r['venv_gib']:.1f} |" for r in rows],
         ]))
 
 
