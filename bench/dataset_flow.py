@@ -124,7 +124,7 @@ def one_run(n_shards: int, work: str, queue) -> None:
 
 
 def shards_for(n: int) -> dict:
-    """Config giving n one-pair shards: 2 prompts (the seed list has 4) of n / 2 images each."""
+    """Config giving n one-pair shards (n + 1 for odd n): 2 prompts (the seed list has 4) of n / 2 images each."""
     return {"prompts_per_value": 2, "images_per_prompt": (n + 1) // 2, "shard_size": 1}
 
 
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
     sizes = [int(s) for s in args.shards.split(",")]
+    if min(sizes) < 2:
+        ap.error("every shard count must be >= 2 (the steady state lies between the first and the last shard)")
 
     from livo_core.models import build_tiny_clip, build_tiny_sd
 
@@ -151,7 +153,7 @@ def main() -> None:
                 queue = ctx.Queue()
                 proc = ctx.Process(target=one_run, args=(n, tmp, queue))
                 proc.start()
-                r = queue.get()
+                r = {**queue.get(), "asked": n}
                 proc.join()
                 shutil.rmtree(w / f"run-{n}")
                 k = r["steady_shards"]
@@ -167,10 +169,10 @@ def main() -> None:
     # per N: the median of its runs (the retries: every run's count)
     results = []
     for n in sizes:
-        mine = [r for r in runs if r["shards"] == n]
+        mine = [r for r in runs if r["asked"] == n]
         row = {key: statistics.median(r[key] for r in mine) for key in
                ("client_cpu_ms_per_shard", "server_cpu_ms_per_shard", "wall_ms_per_shard", "startup_s")}
-        results.append({"shards": n, **row, "retries_503": [r["retries_503"] for r in mine]})
+        results.append({"shards": mine[0]["shards"], **row, "retries_503": [r["retries_503"] for r in mine]})
 
     per = [r["client_cpu_ms_per_shard"] for r in results]
     spread = (max(per) - min(per)) / min(per)
