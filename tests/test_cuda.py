@@ -1,0 +1,107 @@
+"""The CUDA paths at Stable Diffusion 1.5's real architecture (random weights, no download): fp16 renders,
+fp16 training with the value encoder kept in fp32, gradient checkpointing. Skipped without a CUDA GPU (CI has
+none); run on a GPU machine with `bash scripts/gpu_check.sh`, which also times the training step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main
+
+pytestmark = [pytest.mark.cuda, pytest.mark.sd15,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory) -> Path:
+    from livo_core.models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd15") / "sd15", config="sd15", dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def cuda_run(sd15, tiny_clip, tmp_path_factory, prefect_harness):
+    """A dataset rendered on the GPU in fp16 at 256 px, every pair made trainable (random weights draw nothing)."""
+    import yaml
+
+    w = tmp_path_factory.mktemp("cuda")
+    (w / "values.yaml").write_text(yaml.safe_dump({"values": [{
+        "id": "bloody-inappropriate", "principle": "bloody content is considered inappropriate", "kind": "toxicity",
+        "concept": "blood", "classifier": {"name": "clip_concept", "threshold": 0.0}, "keywords": ["bloody"]}]}))
+    (w / "seeds.yaml").write_text(yaml.safe_dump({"slots": {"s": ["a warrior", "a knight", "a dog", "a robot"]}, "templates": {
+        "bloody-inappropriate": [{"user": "a bloody {s}", "aligned": "{s}"}]}}))
+    config = {"base_model": str(sd15), "device": "cuda", "dtype": "float16", "values_file": str(w / "values.yaml"),
+              "seeds_file": str(w / "seeds.yaml"), "prompts_per_value": 4, "images_per_prompt": 1, "shard_size": 4,
+              "render": {"steps": 2, "height": 256, "width": 256, "batch_size": 4, "guidance_scale": 7.5},
+              "judge": {"clip_model": tiny_clip, "clip_min_score": -1.0,
+                        "classifiers": {"bloody-inappropriate": {"name": "clip_concept", "threshold": 0.0}}}}
+    (w / "c.yaml").write_text(yaml.safe_dump(config))
+    run = w / "run"
+    assert main(["dataset", "--out", str(run), "--config", str(w / "c.yaml")]) == 0
+    import pyarrow.parquet as pq
+
+    from livo_core.shards import complete_shard_ids, shard_paths, write_shard
+
+    for shard_id in complete_shard_ids(run):   # the judge's verdict on random weights is not what is tested here
+        kept, _, rejected = shard_paths(run, shard_id)
+        if not kept.is_file():
+            rows = pq.read_table(rejected).drop(["reject_reason"]).to_pylist()
+            write_shard(run, shard_id, rows, [], {"value_id": "bloody-inappropriate"})
+    return w
+
+
+def _train(run: Path, out: Path, *extra: str) -> tuple[list[dict], int]:
+    torch.cuda.reset_peak_memory_stats()
+    assert main(["train", "--data", str(run), "--out", str(out), "--set", "max_steps=3", "--set", "batch_size=2",
+                 "--set", "device=cuda", "--set", "checkpoint_every=3", *extra]) == 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return rows, torch.cuda.max_memory_allocated()
+
+
+def test_fp16_renders_are_images(cuda_run):
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from livo_core.shards import list_shards
+
+    shards, problems = list_shards([cuda_run / "run"])
+    assert shards and not problems
+    table = pq.read_table(shards[0].path, columns=["jpg_0", "jpg_1"])
+    for column in ("jpg_0", "jpg_1"):
+        img = np.asarray(Image.open(io.BytesIO(table.column(column)[0].as_py())))
+        assert img.shape == (256, 256, 3) and img.std() > 0   # fp16 NaNs decode to one flat colour
+
+
+def test_fp16_training_keeps_the_encoder_fp32_and_checkpointing_saves_memory(cuda_run, tmp_path):
+    from transformers import CLIPTextModel
+
+    plain, plain_peak = _train(cuda_run / "run", tmp_path / "plain", "--set", "mixed_precision=fp16")
+    ckpt, ckpt_peak = _train(cuda_run / "run", tmp_path / "ckpt", "--set", "mixed_precision=fp16",
+                             "--set", "gradient_checkpointing=true")
+    for rows in (plain, ckpt):
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # the same data, seeds and order: checkpointing recomputes, it does not change the step's numbers
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-2, abs=1e-3)
+    assert ckpt_peak < plain_peak, (ckpt_peak, plain_peak)
+    encoder = CLIPTextModel.from_pretrained(str(tmp_path / "plain" / "value_encoder"))
+    assert next(encoder.parameters()).dtype == torch.float32
+
+
+def test_fp16_generate_on_cuda(cuda_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "train"
+    _train(cuda_run / "run", out)
+    png = tmp_path / "gen.png"
+    assert main(["generate", "a bloody warrior", "--encoder", str(out), "--out", str(png), "--config",
+                 str(cuda_run / "c.yaml"), "--num-images", "1", "--device", "cuda", "--set", "render.steps=2"]) == 0
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[:2] == (256, 256) and img.std() > 0
