@@ -165,8 +165,7 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
                 theta = unet(noisy, t2, prepend_value_token(prompt2, torch.cat([token, token]))).sample
                 with torch.no_grad():
                     unet(noisy, t2, prompt2)
-                # one plain MSE: a dense gradient, as any denoising loss gives (a .mean()'s stride-0 gradient
-                # would send the convolutions' backward down other kernels)
+                # one plain MSE: the backward gets a dense gradient, as from livo's (or any) denoising loss
                 F.mse_loss(theta.float(), noise.float()).backward()
         else:
             def step():
