@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=float, help="bias values: share of samples generated with the value")
+    p.add_argument("--layout", default="livo", choices=["livo", "official"],
+                   help="token layout: livo (78 padded tokens, as training) or official (the authors' inference, "
+                        "unpadded; docs/inference.md)")
+    p.add_argument("--scheduler", default="default", help="sampler: default (the model's), dpm++ (the authors' "
+                   "evaluation), ddim, pndm, euler, ... (docs/inference.md)")
     _retriever_args(p)
     _config_args(p)
 

@@ -73,6 +73,10 @@ def cli_generate(args: argparse.Namespace) -> int:
         raise LivoError(f"--out {out}: give an image file name ending in .png")
     if args.num_images < 1:
         raise LivoError(f"--num-images must be at least 1, got {args.num_images}")
+    from livo_core.infer import SCHEDULERS
+
+    if args.scheduler not in SCHEDULERS:
+        raise LivoError(f"unknown --scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     # Everything checkable before minutes of rendering: the output, the device, the models.
     check_writable(out, "--out", file=True)
     resolve_device(cfg.device)
@@ -83,7 +87,7 @@ def cli_generate(args: argparse.Namespace) -> int:
         retriever = build_retriever(cfg, values, use_clip=not args.no_clip, min_similarity=args.min_similarity)
     pipe = load_livo_pipeline(cfg.base_model, encoder, cfg.values_file, device=cfg.device, dtype=cfg.dtype,
                               value_ids=cfg.values or None, retriever=retriever,
-                              mix=0.5 if args.mix is None else args.mix)
+                              mix=0.5 if args.mix is None else args.mix, layout=args.layout, scheduler=args.scheduler)
     r = cfg.render
     result = pipe(args.prompt, value_id=args.value, num_images=args.num_images, seed=args.seed, steps=r.steps,
                   guidance_scale=r.guidance_scale, negative_prompt=r.negative_prompt, height=r.height, width=r.width)

@@ -209,6 +209,19 @@ def test_cli_generate_writes_a_grid_and_reports_the_value(tiny_sd, training_dir,
                  "--num-images", "2", "--mix", "1", "--value", "racial-equality", *cli_args(tiny_sd)]) == 0
     assert "value: racial-equality on 2/2 images (given" in capsys.readouterr().out
 
+    # --layout and --scheduler reach the pipeline: the same seeds give other images under each
+    import numpy as np
+
+    def generate(name, *extra):
+        assert main(["generate", "a photo of a doctor", "--encoder", str(training_dir), "--out", str(tmp_path / name),
+                     "--num-images", "2", "--mix", "1", "--value", "racial-equality", *extra, *cli_args(tiny_sd)]) == 0
+        return np.asarray(Image.open(tmp_path / name))
+
+    livo = generate("m.png")
+    assert np.array_equal(generate("again.png", "--layout", "livo", "--scheduler", "default"), livo)
+    assert not np.array_equal(generate("official.png", "--layout", "official"), livo)
+    assert not np.array_equal(generate("dpm.png", "--scheduler", "dpm++"), livo)
+
 
 def test_cli_generate_bad_input_is_one_line_error(tiny_sd, training_dir, tmp_path, capsys):
     rc = main(["generate", "a cat", "--encoder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png"),
@@ -218,6 +231,16 @@ def test_cli_generate_bad_input_is_one_line_error(tiny_sd, training_dir, tmp_pat
     rc = main(["generate", "a cat", "--encoder", str(training_dir), "--out", str(tmp_path / "x.png"),
                "--value", "kindness", *cli_args(tiny_sd)])
     assert rc == 2 and "unknown value id 'kindness'" in capsys.readouterr().err
+    rc = main(["generate", "a cat", "--encoder", str(training_dir), "--out", str(tmp_path / "x.png"),
+               "--scheduler", "fastest", *cli_args(tiny_sd)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("livo: error: unknown --scheduler 'fastest'") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exited:   # argparse's choices: the same one line, exit 2
+        main(["generate", "a cat", "--encoder", str(training_dir), "--out", str(tmp_path / "x.png"),
+              "--layout", "authors", *cli_args(tiny_sd)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("livo: error:") and "--layout" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_retrieve_keywords(capsys):
