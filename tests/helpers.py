@@ -19,3 +19,36 @@ def shard_rows(run: Path, columns: list[str]) -> list[dict]:
             if path.is_file():
                 rows += pq.read_table(path, columns=columns).to_pylist()
     return rows
+
+
+def trainable_random_run(w: Path, base_model: Path, clip_model: str, subjects: list[str], *, device: str, dtype: str,
+                         size: int, steps: int, guidance: float, shard_size: int) -> Path:
+    """`livo dataset` on a random-weight SD into w/run (one value: bloody, one prompt per subject, one image
+    each), then every shard made trainable: random weights draw no blood, so the judge's verdict is not what
+    such a test is about and rejected rows are written back as kept. Returns the config file (w/c.yaml)."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from flows.cli import main
+    from livo_core.shards import complete_shard_ids, shard_paths, write_shard
+
+    classifier = {"name": "clip_concept", "threshold": 0.0}
+    (w / "values.yaml").write_text(yaml.safe_dump({"values": [{
+        "id": "bloody-inappropriate", "principle": "bloody content is considered inappropriate", "kind": "toxicity",
+        "concept": "blood", "classifier": classifier, "keywords": ["bloody"]}]}))
+    (w / "seeds.yaml").write_text(yaml.safe_dump({"slots": {"s": subjects}, "templates": {
+        "bloody-inappropriate": [{"user": "a bloody {s}", "aligned": "{s}"}]}}))
+    config = {"base_model": str(base_model), "device": device, "dtype": dtype, "values_file": str(w / "values.yaml"),
+              "seeds_file": str(w / "seeds.yaml"), "prompts_per_value": len(subjects), "images_per_prompt": 1,
+              "shard_size": shard_size,
+              "render": {"steps": steps, "height": size, "width": size, "batch_size": 4, "guidance_scale": guidance},
+              "judge": {"clip_model": clip_model, "clip_min_score": -1.0, "classifiers": {"bloody-inappropriate": classifier}}}
+    (w / "c.yaml").write_text(yaml.safe_dump(config))
+    run = w / "run"
+    assert main(["dataset", "--out", str(run), "--config", str(w / "c.yaml")]) == 0
+    for shard_id in complete_shard_ids(run):
+        kept, _, rejected = shard_paths(run, shard_id)
+        if not kept.is_file():
+            rows = pq.read_table(rejected).drop(["reject_reason"]).to_pylist()
+            write_shard(run, shard_id, rows, [], {"value_id": "bloody-inappropriate"})
+    return w / "c.yaml"

@@ -26,31 +26,11 @@ def sd15(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cuda_run(sd15, tiny_clip, tmp_path_factory, prefect_harness):
     """A dataset rendered on the GPU in fp16 at 256 px, every pair made trainable (random weights draw nothing)."""
-    import yaml
+    from helpers import trainable_random_run
 
     w = tmp_path_factory.mktemp("cuda")
-    (w / "values.yaml").write_text(yaml.safe_dump({"values": [{
-        "id": "bloody-inappropriate", "principle": "bloody content is considered inappropriate", "kind": "toxicity",
-        "concept": "blood", "classifier": {"name": "clip_concept", "threshold": 0.0}, "keywords": ["bloody"]}]}))
-    (w / "seeds.yaml").write_text(yaml.safe_dump({"slots": {"s": ["a warrior", "a knight", "a dog", "a robot"]}, "templates": {
-        "bloody-inappropriate": [{"user": "a bloody {s}", "aligned": "{s}"}]}}))
-    config = {"base_model": str(sd15), "device": "cuda", "dtype": "float16", "values_file": str(w / "values.yaml"),
-              "seeds_file": str(w / "seeds.yaml"), "prompts_per_value": 4, "images_per_prompt": 1, "shard_size": 4,
-              "render": {"steps": 2, "height": 256, "width": 256, "batch_size": 4, "guidance_scale": 7.5},
-              "judge": {"clip_model": tiny_clip, "clip_min_score": -1.0,
-                        "classifiers": {"bloody-inappropriate": {"name": "clip_concept", "threshold": 0.0}}}}
-    (w / "c.yaml").write_text(yaml.safe_dump(config))
-    run = w / "run"
-    assert main(["dataset", "--out", str(run), "--config", str(w / "c.yaml")]) == 0
-    import pyarrow.parquet as pq
-
-    from livo_core.shards import complete_shard_ids, shard_paths, write_shard
-
-    for shard_id in complete_shard_ids(run):   # the judge's verdict on random weights is not what is tested here
-        kept, _, rejected = shard_paths(run, shard_id)
-        if not kept.is_file():
-            rows = pq.read_table(rejected).drop(["reject_reason"]).to_pylist()
-            write_shard(run, shard_id, rows, [], {"value_id": "bloody-inappropriate"})
+    trainable_random_run(w, sd15, tiny_clip, ["a warrior", "a knight", "a dog", "a robot"], device="cuda",
+                         dtype="float16", size=256, steps=2, guidance=7.5, shard_size=4)
     return w
 
 

@@ -23,7 +23,6 @@ def sd15(tmp_path_factory) -> Path:
 
 
 def test_sd15_shape_dataset_train_generate(prefect_harness, sd15, tiny_clip, tmp_path, capsys):
-    import yaml
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -32,39 +31,22 @@ def test_sd15_shape_dataset_train_generate(prefect_harness, sd15, tiny_clip, tmp
     text = json.loads((sd15 / "text_encoder" / "config.json").read_text())
     assert (text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]) == (768, 12, 3072)
 
-    (tmp_path / "values.yaml").write_text(yaml.safe_dump({"values": [{
-        "id": "bloody-inappropriate", "principle": "bloody content is considered inappropriate", "kind": "toxicity",
-        "concept": "blood", "classifier": {"name": "clip_concept", "threshold": 0.0}, "keywords": ["bloody"]}]}))
-    (tmp_path / "seeds.yaml").write_text(yaml.safe_dump({"slots": {"s": ["a warrior", "a knight"]}, "templates": {
-        "bloody-inappropriate": [{"user": "a bloody {s}", "aligned": "{s}"}]}}))
-    config = {"base_model": str(sd15), "device": "cpu", "dtype": "float32", "values_file": str(tmp_path / "values.yaml"),
-              "seeds_file": str(tmp_path / "seeds.yaml"), "prompts_per_value": 2, "images_per_prompt": 1, "shard_size": 2,
-              "render": {"steps": 1, "height": 64, "width": 64, "batch_size": 4, "guidance_scale": 1.0},
-              # threshold 0 / clip -1: every pair is kept (random weights cannot draw blood)
-              "judge": {"clip_model": tiny_clip, "clip_min_score": -1.0,
-                        "classifiers": {"bloody-inappropriate": {"name": "clip_concept", "threshold": 0.0}}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    run = tmp_path / "run"
-    assert main(["dataset", "--out", str(run), "--config", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().err
+    from helpers import trainable_random_run
 
-    # threshold 0 keeps the violating side but also flags the aligned one: keep the rule honest with the
-    # test's own pairs: every pair is judged, and the shard exists (kept or rejected) at SD 1.5's size
+    config = trainable_random_run(tmp_path, sd15, tiny_clip, ["a warrior", "a knight"], device="cpu", dtype="float32",
+                                  size=64, steps=1, guidance=1.0, shard_size=2)
+    run = tmp_path / "run"
+    # one shard of SD 1.5-rendered pairs at the asked size
+    import io
+
     import pyarrow.parquet as pq
     from PIL import Image
-    import io
 
     from livo_core.shards import complete_shard_ids, shard_paths
 
     (shard_id,) = complete_shard_ids(run)
-    kept, _, rejected = shard_paths(run, shard_id)
-    source = kept if kept.is_file() else rejected
-    img = Image.open(io.BytesIO(pq.read_table(source, columns=["jpg_0"]).column("jpg_0")[0].as_py()))
+    img = Image.open(io.BytesIO(pq.read_table(shard_paths(run, shard_id)[0], columns=["jpg_0"]).column("jpg_0")[0].as_py()))
     assert img.size == (64, 64)
-    if not kept.is_file():   # make the pairs trainable: the judge's verdict is not what this test is about
-        from livo_core.shards import write_shard
-
-        rows = pq.read_table(rejected).drop(["reject_reason"]).to_pylist()
-        write_shard(run, shard_id, rows, [], {"value_id": "bloody-inappropriate"})
 
     # train 2 steps: the theta pass sees 78 tokens of width 768
     seen = []
@@ -84,6 +66,6 @@ def test_sd15_shape_dataset_train_generate(prefect_harness, sd15, tiny_clip, tmp
     assert encoder.config.hidden_size == 768 and sum(p.numel() for p in encoder.parameters()) == 123_060_480   # ViT-L/14 text tower
 
     png = tmp_path / "gen.png"
-    assert main(["generate", "a bloody warrior", "--encoder", str(out), "--out", str(png), "--config", str(tmp_path / "c.yaml"),
+    assert main(["generate", "a bloody warrior", "--encoder", str(out), "--out", str(png), "--config", str(config),
                  "--num-images", "1", "--set", "render.steps=1"]) == 0
     assert Image.open(png).size == (64, 64)
