@@ -189,16 +189,7 @@ class LiVOPipeline:
         value_id: apply this value (default: the retriever's choice); use_value=False: plain SD;
         mix: this call's share of bias-value images with the value token (default: the pipeline's).
         """
-        if num_images < 1:
-            raise LivoError(f"num_images must be at least 1, got {num_images}")
-        retrieval = self.choose_value(prompt, value_id) if use_value else None
-        value = retrieval.value if retrieval else None
-        if value is None:
-            mask = [False] * num_images
-        elif value.kind == "bias":
-            mask = value_mask(num_images, self.mix if mix is None else mix, seed)
-        else:
-            mask = [True] * num_images
+        retrieval, value, mask = self._value_and_mask(prompt, value_id, num_images, seed, use_value, mix)
         seeds = [seed + i for i in range(num_images)]
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width)
 
@@ -227,13 +218,9 @@ class LiVOPipeline:
                 images[i] = img
         return LiVOOutput(images, value, mask, retrieval, seeds)
 
-    # ------------------------------------------------------------------ batched rendering (evaluation)
-    @torch.no_grad()
-    def plan(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
-             negative_prompt: str | None = None, use_value: bool = True, mix: float | None = None,
-             guidance_scale: float = 7.5) -> "LiVOPlan":
-        """What `__call__` would render, as one ImageJob per image (conditioning, negative, seed), without
-        rendering: `render_jobs` then renders the jobs of many prompts in shared, fixed-size batches."""
+    def _value_and_mask(self, prompt: str, value_id: str | None, num_images: int, seed: int, use_value: bool,
+                        mix: float | None):
+        """(retrieval, value, mask): the value applied to `prompt` and which images get its token (bias: mixed)."""
         if num_images < 1:
             raise LivoError(f"num_images must be at least 1, got {num_images}")
         retrieval = self.choose_value(prompt, value_id) if use_value else None
@@ -244,6 +231,16 @@ class LiVOPipeline:
             mask = value_mask(num_images, self.mix if mix is None else mix, seed)
         else:
             mask = [True] * num_images
+        return retrieval, value, mask
+
+    # ------------------------------------------------------------------ batched rendering (evaluation)
+    @torch.no_grad()
+    def plan(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
+             negative_prompt: str | None = None, use_value: bool = True, mix: float | None = None,
+             guidance_scale: float = 7.5) -> "LiVOPlan":
+        """What `__call__` would render, as one ImageJob per image (conditioning, negative, seed), without
+        rendering: `render_jobs` then renders the jobs of many prompts in shared, fixed-size batches."""
+        retrieval, value, mask = self._value_and_mask(prompt, value_id, num_images, seed, use_value, mix)
         cfg = guidance_scale > 1.0   # the pipeline's own rule for classifier-free guidance
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         variants = {}
