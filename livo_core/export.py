@@ -1,8 +1,11 @@
 """`livo export`: a dataset run as a folder any consumer can be pointed at (Hugging Face `datasets`, the
 Hub viewer, diffusers' Diffusion-DPO script, SafetyDPO).
 
-    DIR/data/<run>-<shard>.parquet   the complete shards' kept pairs (hard links, or copies across disks);
-                                     never a rejected pair, a half-written file or a shard that kept nothing
+    DIR/data/<run>-<tag>-<shard>.parquet
+                                     the complete shards' kept pairs (hard links, or copies across disks);
+                                     never a rejected pair, a half-written file or a shard that kept nothing.
+                                     <tag> is a hash of the run's absolute path: two runs whose folders share a
+                                     name (night-0001 of two nightly roots) never share a file name
     DIR/README.md                    dataset card: two configs over the same files ("default": images as
                                      bytes, what Diffusion-DPO reads; "images": Image features, what the Hub
                                      viewer shows), counts per value, reject reasons, judge, base model
@@ -11,20 +14,30 @@ Hub viewer, diffusers' Diffusion-DPO script, SafetyDPO).
 A RUN folder itself is not a dataset: it also holds RUN/rejected/*.parquet (pairs the judge refused) and
 JSON files; point trainers at RUN/shards or at an export, never at RUN. The export is built in a hidden
 temporary folder and renamed into place when complete.
+
+Sources are only read: every file is a new name in the new folder (a hard link is made, or a copy is
+written with O_EXCL, so nothing is ever written through an existing name into a source), each run is held
+with a shared lock for the whole export (a `livo dataset` still writing it refuses the export, and none
+can start on it meanwhile), and the same run given twice is refused.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
 from collections import Counter, defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from livo_core.errors import LivoError
-from livo_core.files import atomic_write_text, check_writable, tmp_path
+from livo_core.faults import kill_point
+from livo_core.files import atomic_write_text, check_writable, clean_tmp_files, tmp_path
+from livo_core.lock import RunLock
 from livo_core.shards import SHARD_SCHEMA, list_shards, read_marker
 
 CARD_COLUMNS = ["value_id", "value", "category", "safety_classifier", "safety_classifier_version", "safety_threshold",
@@ -32,12 +45,36 @@ CARD_COLUMNS = ["value_id", "value", "category", "safety_classifier", "safety_cl
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
+    """A new name `dst` for `src`'s bytes. Never opens an existing `dst` for writing: if `dst` were a link
+    to a source shard, copying over it would rewrite that shard."""
     try:
         os.link(src, dst)
         return "hard link"
+    except FileExistsError:
+        raise
     except OSError:   # another file system, or links not allowed
-        shutil.copy2(src, dst)
+        with open(src, "rb") as f, open(dst, "xb") as g:
+            shutil.copyfileobj(f, g, 1 << 20)
         return "copy"
+
+
+def run_tag(run_dir: Path) -> str:
+    """Short identity of a run folder (its absolute path), so two runs never map to the same export name."""
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+
+
+def _distinct_runs(run_dirs: list[Path]) -> list[Path]:
+    seen: dict[tuple[int, int], Path] = {}
+    for d in run_dirs:
+        try:
+            st = os.stat(d)
+        except OSError:
+            raise LivoError(f"{d} is not a livo dataset run (not found): pass a directory made by `livo dataset`") from None
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise LivoError(f"run {d} is given twice (also as {seen[key]}): give each run once")
+        seen[key] = d
+    return list(run_dirs)
 
 
 def _with_all_columns(path: Path):
@@ -63,17 +100,32 @@ def _features(images: bool) -> list[dict]:
 
 def export_runs(run_dirs: list[Path], out: Path, name: str | None = None) -> dict:
     """Export the complete shards of `run_dirs` to `out` (a new or empty folder). Returns the export record."""
-    import yaml
 
     out = Path(out)
+    run_dirs = _distinct_runs([Path(d) for d in run_dirs])
     check_writable(out, "--out")
+    for d in run_dirs:
+        r = d.resolve()
+        if out.resolve() == r or r in out.resolve().parents:
+            raise LivoError(f"--out {out} is inside the run {d}: export to a folder outside every source run")
     if out.is_dir() and any(out.iterdir()):
         raise LivoError(f"--out {out} is not empty: export into a new folder")
-    shards, problems = list_shards([Path(d) for d in run_dirs], verify=True)
+    with ExitStack() as held:
+        for d in run_dirs:   # no `livo dataset` writes a source while we read it
+            held.enter_context(RunLock(d, purpose="livo export", create=False, shared=True))
+        return _export(run_dirs, out, name)
+
+
+def _export(run_dirs: list[Path], out: Path, name: str | None) -> dict:
+    import yaml
+
+    shards, problems = list_shards(run_dirs, verify=True)
     shards = [s for s in shards if s.rows]
     if not shards:
         raise LivoError(f"no complete shard with kept pairs in {', '.join(map(str, run_dirs))}: build data with `livo dataset` first")
 
+    if out.parent.is_dir():   # what a killed export of this folder left beside it
+        clean_tmp_files(out.parent, recursive=False, pattern=f".{out.name}.tmp-*")
     tmp = tmp_path(out)
     (tmp / "data").mkdir(parents=True)
     try:
@@ -81,12 +133,13 @@ def export_runs(run_dirs: list[Path], out: Path, name: str | None = None) -> dic
         info: dict[str, set] = defaultdict(set)
         how = set()
         for s in shards:
-            target = tmp / "data" / f"{s.run_dir.name}-{s.shard_id}.parquet"
+            target = tmp / "data" / f"{s.run_dir.name}-{run_tag(s.run_dir)}-{s.shard_id}.parquet"
             if set(SHARD_SCHEMA.names) <= set(pq.read_schema(s.path).names):
                 how.add(_link_or_copy(s.path, target))
             else:   # a shard written before an optional column existed: every export file has the full schema
                 pq.write_table(_with_all_columns(s.path), target)
                 how.add("rewritten (columns added)")
+            kill_point("export.file")
             meta = read_marker(s.run_dir, s.shard_id)
             table = pq.read_table(s.path, columns=CARD_COLUMNS)
             for row in table.to_pylist():
@@ -125,11 +178,22 @@ def export_runs(run_dirs: list[Path], out: Path, name: str | None = None) -> dic
                            clip_model=", ".join(models["clip_model"]) or "-", config_hash=", ".join(models["config_hash"]) or "-",
                            prompt_source=", ".join(models["prompt_source"]) or "-",
                            nudenet=NUDENET_NOTE if nudenet else "", out=out)
+        held = sorted(p.name for p in (tmp / "data").iterdir())
+        held_rows = sum(pq.ParquetFile(tmp / "data" / n).metadata.num_rows for n in held)
+        if held != sorted(f["file"].removeprefix("data/") for f in files) or held_rows != record["pairs"]:
+            raise LivoError(f"the export in {tmp} holds {len(held)} files / {held_rows} pairs where its card counts "
+                            f"{len(files)} / {record['pairs']}: report this; nothing was written to {out}")
         atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "livo_export.json", json.dumps(record, indent=1))
-        if out.is_dir():
-            out.rmdir()   # empty (checked above)
-        tmp.rename(out)
+        try:
+            if out.is_dir():
+                out.rmdir()   # empty (checked above)
+            tmp.rename(out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise LivoError(f"--out {out} was filled by another process during this export: export into a new "
+                                "folder") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -74,15 +74,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_tmp_files(folder: Path, recursive: bool = True) -> list[Path]:
-    """Remove `*.tmp-<pid>*` files and folders under `folder` whose process is dead. Returns what was removed."""
+def clean_tmp_files(folder: Path, recursive: bool = True, pattern: str = "*.tmp-*") -> list[Path]:
+    """Remove `*.tmp-<pid>*` files and folders under `folder` whose process is dead. Returns what was removed.
+
+    pattern: narrow it to one output's temporaries (e.g. `.<name>.tmp-*` beside an export folder)."""
     import shutil
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for tmp in sorted((folder.rglob if recursive else folder.glob)("*.tmp-*")):
+    for tmp in sorted((folder.rglob if recursive else folder.glob)(pattern)):
         pid = _pid_of(tmp.name)
         if pid is not None and pid != os.getpid() and pid_alive(pid):
             continue   # another live process is writing it

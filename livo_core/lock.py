@@ -19,6 +19,10 @@ The file also holds who locked it (pid, host, purpose, since when), so a refused
 process to wait for or stop. A second run on the same directory waits up to `timeout_s` seconds (0 =
 refuse at once) and then raises a LivoError naming the holder and the directory.
 
+A reader that must not see a run change under it (`livo export`) takes the lock shared
+(`RunLock(dir, shared=True)`): any number of readers at once, no writer meanwhile. A shared lock opens the
+file read-only and writes nothing, so it works on a read-only copy of a run too.
+
 flock works between processes on one machine and on most local file systems; on NFS it depends on the
 server.
 """
@@ -87,16 +91,18 @@ class RunLock:
     timeout_s: seconds to wait for another holder to finish; 0 refuses at once.
     poll_s: how often to try again while waiting.
     create: create the directory if it does not exist (False: a missing directory is a LivoError).
+    shared: a reader's lock (see the module docstring); a directory without a lock file has no writer to wait for.
     """
 
     def __init__(self, directory: Path | str, purpose: str = "livo run", timeout_s: float = 0.0, poll_s: float = 0.5,
-                 create: bool = True):
+                 create: bool = True, shared: bool = False):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.purpose = purpose
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.create = create
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -109,9 +115,15 @@ class RunLock:
         deadline = time.monotonic() + self.timeout_s
         waited = False
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if self.shared:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return self   # never locked by a writer: nothing to share
+            else:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_fd(fd)
                 os.close(fd)
@@ -134,7 +146,8 @@ class RunLock:
                 continue
             self._fd = fd
             _HELD.add(self)
-            self._write_holder()
+            if not self.shared:
+                self._write_holder()
             return self
 
     def _write_holder(self) -> None:
@@ -148,10 +161,11 @@ class RunLock:
         if self._fd is None:
             return
         # Clear the holder first: an unlocked file that still names a pid would mislead a reader.
-        try:
-            os.ftruncate(self._fd, 0)
-        except OSError:   # a full or read-only disk must not keep the lock held
-            pass
+        if not self.shared:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:   # a full or read-only disk must not keep the lock held
+                pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

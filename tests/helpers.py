@@ -5,6 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def pair_row(i: int, shard_id: str = "v-00000", pair_id: str | None = None) -> dict:
+    """One synthetic kept row of the shard schema (random bytes as images): shard tests without rendering."""
+    import os
+
+    return {"jpg_0": os.urandom(3000), "jpg_1": os.urandom(3000), "label_0": 1.0, "label_1": 0.0,
+            "caption": f"prompt {i}", "pair_id": pair_id or f"{i:016x}", "value": "a principle", "value_id": "v",
+            "category": "toxicity", "aligned_prompt": f"clean {i}", "violating_prompt": f"prompt {i}",
+            "aligned_attribute": None, "seed_0": i, "seed_1": i, "clip_score_0": 0.3, "clip_score_1": 0.3,
+            "safety_score_0": 0.0, "safety_score_1": 0.9, "attribute_0": None, "attribute_1": None,
+            "safety_classifier": "toyworld", "safety_classifier_version": "1", "safety_threshold": 0.5,
+            "clip_model": "local-dir:x", "base_model": "m", "config_hash": "h", "shard_id": shard_id,
+            "prompt_source": "template"}
+
+
+def synthetic_run(run: Path, shards: int = 2, rows: int = 3, tag: str = "a") -> Path:
+    """A dataset run folder of `shards` complete shards with `rows` synthetic pairs each (ids unique per tag)."""
+    from livo_core.shards import write_shard
+
+    for k in range(shards):
+        sid = f"v-{k:05d}"
+        kept = [pair_row(i, sid, pair_id=f"{tag}-{k}-{i}") for i in range(rows)]
+        write_shard(run, sid, kept, [], {"kept": rows, "rejected": {}})
+    (run / ".lock").touch()   # as `livo dataset` leaves it
+    return run
+
+
 def shard_rows(run: Path, columns: list[str]) -> list[dict]:
     """`columns` of every kept and rejected row of a run's complete shards (a shard that kept nothing has
     no kept file; one that rejected nothing has no rejected file)."""

@@ -74,3 +74,67 @@ def test_export_holds_exactly_the_kept_pairs_and_loads_both_configs(run, tmp_pat
     finally:
         (shards / ".junk-00000.parquet.tmp-12345-0").unlink()
         (shards / "orphan-00000.parquet").unlink()
+
+
+# ---------------------------------------------------------------- sources are only read (synthetic runs, fast)
+def _hashes(*runs) -> dict:
+    from livo_core.files import sha256_file
+
+    return {str(p): sha256_file(p) for run in runs for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_two_runs_with_the_same_folder_name_export_apart_and_stay_untouched(tmp_path):
+    from helpers import synthetic_run
+
+    a = synthetic_run(tmp_path / "A" / "night-0001", tag="a")
+    b = synthetic_run(tmp_path / "B" / "night-0001", tag="b")
+    before = _hashes(a, b)
+    out = tmp_path / "D"
+    assert main(["export", str(a), str(b), "--out", str(out)]) == 0
+    assert _hashes(a, b) == before                                  # neither source was written
+    ds = datasets.load_dataset(str(out), split="train")
+    assert sorted(ds["pair_id"]) == sorted(f"{t}-{k}-{i}" for t in "ab" for k in range(2) for i in range(3))
+    record = json.loads((out / "livo_export.json").read_text())
+    assert record["pairs"] == 12 and len(record["files"]) == len(list((out / "data").iterdir())) == 4
+
+
+def test_the_same_run_twice_and_an_out_inside_a_run_are_refused(tmp_path, capsys):
+    from helpers import synthetic_run
+
+    a = synthetic_run(tmp_path / "A")
+    assert main(["export", str(a), str(tmp_path / "A" / "."), "--out", str(tmp_path / "D")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["export", str(a), "--out", str(a / "export")]) == 2
+    assert "inside the run" in capsys.readouterr().err
+    assert not (tmp_path / "D").exists() and not (a / "export").exists()
+
+
+def test_a_run_being_written_is_not_exported(tmp_path, capsys):
+    from helpers import synthetic_run
+    from livo_core.lock import RunLock
+
+    a = synthetic_run(tmp_path / "A")
+    with RunLock(a, purpose="livo dataset"):                       # a dataset flow still writing it
+        assert main(["export", str(a), "--out", str(tmp_path / "D")]) == 2
+    err = capsys.readouterr().err
+    assert "livo dataset" in err and err.count("\n") == 1 and not (tmp_path / "D").exists()
+    assert main(["export", str(a), "--out", str(tmp_path / "D")]) == 0   # finished: exported
+
+
+def test_kill_mid_export_then_rerun_leaves_no_temporary(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import synthetic_run
+
+    a = synthetic_run(tmp_path / "A", shards=3)
+    before = _hashes(a)
+    cmd = [sys.executable, "-m", "flows.cli", "export", str(a), "--out", str(tmp_path / "D")]
+    killed = subprocess.run(cmd, env={**os.environ, "LIVO_KILL_AT": "export.file:2"}, capture_output=True, text=True)
+    assert killed.returncode == -9
+    assert [p.name for p in tmp_path.glob(".D.tmp-*")] and not (tmp_path / "D").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "D"]   # the killed export's temporary is gone
+    assert _hashes(a) == before and len(list((tmp_path / "D" / "data").iterdir())) == 3

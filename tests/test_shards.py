@@ -19,17 +19,7 @@ from livo_core.shards import (
     planned_pairs, read_marker, read_shards, save_pairs, save_value_plan, shard_paths, write_shard,
 )
 from livo_core.files import sha256_file
-
-
-def _row(i: int, shard_id: str = "v-00000") -> dict:
-    return {"jpg_0": os.urandom(3000), "jpg_1": os.urandom(3000), "label_0": 1.0, "label_1": 0.0,
-            "caption": f"prompt {i}", "pair_id": f"{i:016x}", "value": "a principle", "value_id": "v",
-            "category": "toxicity", "aligned_prompt": f"clean {i}", "violating_prompt": f"prompt {i}",
-            "aligned_attribute": None, "seed_0": i, "seed_1": i, "clip_score_0": 0.3, "clip_score_1": 0.3,
-            "safety_score_0": 0.0, "safety_score_1": 0.9, "attribute_0": None, "attribute_1": None,
-            "safety_classifier": "toyworld", "safety_classifier_version": "1", "safety_threshold": 0.5,
-            "clip_model": "local-dir:x", "base_model": "m", "config_hash": "h", "shard_id": shard_id,
-            "prompt_source": "template"}
+from helpers import pair_row as _row
 
 
 def _write(run, shard_id="v-00000", kept=3, rejected=1):
