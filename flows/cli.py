@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated: base,livo,livo:<value id>,negative-prompt,sld:<preset>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an evaluation config field, e.g. --set images_per_prompt=8")
+    p.add_argument("--overwrite", action="store_true",
+                   help="render again the methods whose images in --out were made with another configuration (refused otherwise)")
 
     p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
     tw = p.add_subparsers(dest="toyworld_command", required=True)

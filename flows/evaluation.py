@@ -65,21 +65,27 @@ def report_task(config: dict, out_dir: str) -> dict:
 
 
 @flow(name="livo-evaluate-model", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def evaluation_flow(config: dict, out_dir: str) -> dict:
-    """Evaluate the configured methods on the configured prompt sets; returns {method: metrics}."""
+def evaluation_flow(config: dict, out_dir: str, overwrite: bool = False) -> dict:
+    """Evaluate the configured methods on the configured prompt sets; returns {method: metrics}.
+
+    overwrite: render again the methods whose stored images were made with another configuration
+    (otherwise such a folder is refused)."""
     from livo_core.lock import RunLock
     from livo_core.progress import Progress
 
     log = get_run_logger()
     cfg = EvalConfig.model_validate(config)
     out = Path(out_dir)
+    ev = evaluation_for(config, out_dir)
+    ev.check(overwrite)          # a deployment run gets the CLI's checks too, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, purpose="livo evaluate", timeout_s=0):
         from livo_core.files import atomic_write_text, clean_tmp_files
 
         clean_tmp_files(out)
+        for m in cfg.methods:
+            ev.claim(m.name, overwrite)
         atomic_write_text(out / "eval_config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
-        ev = evaluation_for(config, out_dir)
         chunks = ev.chunks()
         with Progress(total=len(cfg.methods) * len(chunks), desc="evaluate: render", unit="chunk") as bar:
             for m in cfg.methods:
@@ -91,31 +97,12 @@ def evaluation_flow(config: dict, out_dir: str) -> dict:
     return results
 
 
-def check_eval_inputs(cfg: EvalConfig, out: Path) -> None:
-    """What can be checked before Prefect starts or anything is written; raises LivoError."""
-    from livo_core.encoder import ValueEncoder
-    from livo_core.evaluate import load_prompts
-    from livo_core.files import check_writable
-    from livo_core.models import check_model_source, resolve_device
-    from livo_core.values import load_values
+def check_eval_inputs(cfg: EvalConfig, out: Path, overwrite: bool = False) -> None:
+    """Everything checkable before Prefect starts or anything is written (livo_core.evaluate.Evaluation.check)."""
+    from livo_core.models import check_model_source
 
-    check_writable(out, "--out")
     check_model_source(cfg.base_model)
-    resolve_device(cfg.device)
-    values = {v.id for v in load_values(cfg.values_file)}
-    for m in cfg.methods:
-        if m.kind == "livo":
-            folder = m.encoder or cfg.encoder
-            if folder is None:
-                raise LivoError(f"method {m.name!r} (livo) needs a value encoder: pass --encoder DIR")
-            ValueEncoder.from_pretrained(folder)          # missing or damaged -> one line naming it
-        if m.value_id is not None and m.value_id not in values:
-            raise LivoError(f"method {m.name!r} applies value {m.value_id!r}, not in {cfg.values_file}: choose one of {', '.join(sorted(values))}")
-        if m.kind == "unet" and (m.unet is None or not Path(m.unet).is_dir()):
-            raise LivoError(f"method {m.name!r} (unet) needs unet = an existing UNet or LoRA folder (got {m.unet})")
-    if cfg.methods and cfg.methods[0].kind != "base":
-        raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
-    load_prompts(cfg)   # every prompt file readable, with a prompt column
+    evaluation_for(cfg.model_dump(mode="json"), str(out)).check(overwrite)
 
 
 def cli_evaluate(args) -> int:
@@ -146,11 +133,11 @@ def cli_evaluate(args) -> int:
             data[key] = str(_project_path(Path(data[key])))
     cfg = load_eval_config(None, {**data, **overrides})
     out = Path(args.out)
-    check_eval_inputs(cfg, out)
+    check_eval_inputs(cfg, out, args.overwrite)
     from flows.server import ensure_api
 
     ensure_api()
-    results = evaluation_flow(config=cfg.model_dump(mode="json"), out_dir=str(out))
+    results = evaluation_flow(config=cfg.model_dump(mode="json"), out_dir=str(out), overwrite=args.overwrite)
     for name, m in results.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and "/" not in k)
         print(f"livo: {name}: {shown}")

@@ -71,8 +71,12 @@ def cli_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise LivoError(f"--out {out}: give an image file name ending in .png")
-    if args.num_images < 1:
-        raise LivoError(f"--num-images must be at least 1, got {args.num_images}")
+    from livo_core.config import MAX_SEED
+
+    if not 1 <= args.num_images <= 1000:
+        raise LivoError(f"--num-images must be 1 to 1000, got {args.num_images}")
+    if not 0 <= args.seed <= MAX_SEED - args.num_images:
+        raise LivoError(f"--seed {args.seed} is out of range: give 0 to {MAX_SEED - args.num_images} (image j uses seed + j)")
     from livo_core.infer import SCHEDULERS
 
     if args.scheduler not in SCHEDULERS:

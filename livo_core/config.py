@@ -24,7 +24,8 @@ from livo_core.secrets import redact, secret_fields
 class StrictModel(BaseModel):
     """Base of every livo config: unknown keys are typos, and no field may hold an API key."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf / nan are never a setting: an infinite guidance scale renders black images without an error
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -40,6 +41,15 @@ class StrictModel(BaseModel):
 
 _Strict = StrictModel
 
+MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes 64-bit seeds; image j of a prompt uses seed + j
+
+
+def multiple_of_8(v: int) -> int:
+    """Image sides: the VAE downsamples by 8."""
+    if v % 8:
+        raise ValueError(f"must be a multiple of 8, got {v}")
+    return v
+
 
 class LLMConfig(_Strict):
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama). None = OpenAI.")
@@ -47,25 +57,21 @@ class LLMConfig(_Strict):
     api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable holding the key. The key itself is never stored.")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     max_retries: int = Field(2, ge=0, le=10, description="openai client retries on 429/5xx/connection errors.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout in seconds.")
+    max_tokens: int = Field(2048, ge=16, le=65536, description="Most tokens a reply may have: a model that does not stop ends there instead of at the server's context limit.")
     pairs_per_request: int = Field(8, ge=1, le=50, description="Prompt pairs asked for per LLM request.")
     reask: int = Field(1, ge=0, le=5, description="Re-asks when the reply is not valid JSON for the schema.")
 
 
 class RenderConfig(_Strict):
     steps: int = Field(20, ge=1, le=1000, description="Denoising steps.")
-    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale.")
+    guidance_scale: float = Field(5.0, ge=0, le=100, description="Classifier-free guidance scale.")
     height: int = Field(32, ge=8, description="Image height in pixels (multiple of 8).")
     width: int = Field(32, ge=8, description="Image width in pixels (multiple of 8).")
     batch_size: int = Field(32, ge=1, description="Images per pipeline call.")
     negative_prompt: str | None = Field(None, description="Negative prompt for every render.")
 
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8, got {v}")
-        return v
+    _size = field_validator("height", "width")(lambda v: multiple_of_8(v))
 
 
 class ClassifierChoice(_Strict):
@@ -92,7 +98,7 @@ class RunConfig(_Strict):
     prompt_source: Literal["template", "llm"] = Field("template", description="template = offline seed lists; llm = OpenAI-compatible endpoint.")
     prompts_per_value: int = Field(8, ge=1, description="Prompt pairs per value principle.")
     images_per_prompt: int = Field(2, ge=1, description="Candidate image pairs (seeds) per prompt pair.")
-    seed: int = Field(0, ge=0, description="Base seed; every image's seed is derived from it and recorded.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed; every image's seed is derived from it and recorded.")
     shard_size: int = Field(16, ge=1, description="Candidate pairs per shard.")
     render: RenderConfig = Field(default_factory=RenderConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)

@@ -20,6 +20,13 @@ judges -> metrics -> report.
 Images are stored per (method, prompt): OUT/images/<method>/<prompt id>/<j>.png, then done.json written
 last; a killed evaluation renders again only the prompts whose done.json is missing. Judgements are cached
 by (image content, judge), so a rerun judges nothing twice (and asks a VLM nothing twice).
+
+Stored images are only reused for what made them: OUT/images/<method>/method.json holds the method's
+fingerprint (base model and encoder content, method, sampler, steps, guidance, size, layout, values, dtype),
+each done.json the prompt's own (text, seeds, per-row settings) and every image's sha256. A rerun with
+another method fingerprint is refused (`Evaluation.check`; --overwrite renders that method again), a
+prompt whose own settings changed or whose stored PNGs no longer match their hashes is rendered again.
+Every input is checked by `Evaluation.check` before anything is written.
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from livo_core.config import LLMConfig, StrictModel, load_settings
+from livo_core.config import MAX_SEED, LLMConfig, StrictModel, load_settings, multiple_of_8
 from livo_core.errors import LivoError
 from livo_core.files import atomic_write_bytes, atomic_write_text
 from livo_core.metrics import bias_report, metric_table, toxicity_report
@@ -46,17 +53,21 @@ from livo_core.paths import DATA_DIR, ROOT
 GROUPS = ("toxicity", "bias", "harmless")
 # I2P's categories -> the paper's values (rows with none of these keep their set's value_id).
 I2P_CATEGORIES = {"sexual": "nudity-inappropriate", "violence": "bloody-inappropriate"}
+MAX_IMAGES_PER_PROMPT = 1000     # the paper: 50, I2P: 10; a prompt's images are held in memory together
+MAX_SIZE = 4096                  # pixels per side
 
 
 # --------------------------------------------------------------------------- config
 class InferenceSettings(StrictModel):
     layout: Literal["livo", "official"] = Field("livo", description="Token layout: livo = as training (78 tokens); official = the authors' script (see livo_core.infer).")
     scheduler: str = Field("default", description="Sampler: default (the model's), dpm++ (the authors'), ddim, pndm, euler, euler-a, ddpm.")
-    steps: int = Field(25, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
-    height: int | None = Field(None, ge=8, description="Image height (None: the model's default, 512 for SD 1.5).")
-    width: int | None = Field(None, ge=8, description="Image width.")
+    steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale.")
+    height: int | None = Field(None, ge=8, le=MAX_SIZE, description="Image height, a multiple of 8 (None: the model's default, 512 for SD 1.5).")
+    width: int | None = Field(None, ge=8, le=MAX_SIZE, description="Image width, a multiple of 8.")
     mix: float = Field(0.5, ge=0, le=1, description="Bias values: share of images generated with the value token (the authors' 50/50).")
+
+    _size = field_validator("height", "width")(lambda v: v if v is None else multiple_of_8(v))
 
 
 class VLMJudgeConfig(StrictModel):
@@ -88,7 +99,7 @@ class PromptSetSpec(StrictModel):
     group: Literal["toxicity", "bias", "harmless"] = Field(description="What the set measures.")
     value_id: str | None = Field(None, description="toxicity / bias: the value its prompts call for; harmless: none.")
     judge_value: str | None = Field(None, description="harmless sets: judge their images with this value's classifier too (violation added).")
-    images_per_prompt: int | None = Field(None, ge=1, description="Default: the evaluation's images_per_prompt.")
+    images_per_prompt: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Default: the evaluation's images_per_prompt.")
     limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
 
 
@@ -113,8 +124,8 @@ class EvalConfig(StrictModel):
     prompt_sets: list[PromptSetSpec] = Field(default_factory=lambda: list(PAPER_SETS), description="What is generated.")
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="base", kind="base"), MethodSpec(name="livo", kind="livo")],
                                       description="The first must be base (the reference of FID and 'unchanged').")
-    images_per_prompt: int = Field(4, ge=1, description="Images per prompt (the authors: 50).")
-    seed: int = Field(0, ge=0, description="Seeds every prompt (rows may give their own).")
+    images_per_prompt: int = Field(4, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images per prompt (the authors: 50).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds every prompt (rows may give their own).")
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     judges: dict[str, JudgeChoice] = Field(default_factory=dict, description="Per value id: override the values file's classifier.")
     clip_model: str | None = Field(None, description="Judge CLIP (open_clip name or local-dir:) for the clip_* classifiers and the retriever.")
@@ -171,7 +182,7 @@ def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise LivoError(f"prompt file {path} not found: give a .jsonl or .csv file with a `prompt` column")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a spreadsheet's byte-order mark is not part of the first column name
     except UnicodeDecodeError:
         raise LivoError(f"prompt file {path} is not UTF-8 text: save it as UTF-8") from None
     if path.suffix == ".jsonl":
@@ -188,14 +199,23 @@ def _rows(path: Path) -> list[dict]:
     raise LivoError(f"prompt file {path}: unknown extension {path.suffix!r}; use .jsonl or .csv")
 
 
-def _num(row: dict, key: str, cast):
+def _num(row: dict, key: str, cast, low: float, high: float, multiple: int = 1):
+    """A row's optional number, checked: finite, integral for ints, in [low, high], a multiple of `multiple`."""
     v = row.get(key)
-    if v in (None, "", "nan"):
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "nan", "none")):
         return None
+    where = f"prompt row {str(row.get('prompt', ''))[:40]!r}: {key} = {v!r}"
     try:
-        return cast(float(v)) if cast is int else cast(v)
+        x = float(v)
     except (TypeError, ValueError):
-        raise LivoError(f"prompt row {row.get('prompt', '')[:40]!r}: {key} = {v!r} is not a number") from None
+        raise LivoError(f"{where} is not a number; fix the row") from None
+    if not math.isfinite(x) or (cast is int and not x.is_integer()):
+        raise LivoError(f"{where} is not a finite {'whole ' if cast is int else ''}number; fix the row")
+    x = int(x) if cast is int else x
+    if not low <= x <= high or (multiple > 1 and x % multiple):
+        extra = f", a multiple of {multiple}" if multiple > 1 else ""
+        raise LivoError(f"{where} is out of range: give {low:g} to {high:g}{extra}; fix the row")
+    return x
 
 
 def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> list[EvalPrompt]:
@@ -213,7 +233,10 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
             cats = [c.strip() for c in str(r.get("categories", "")).split(",")]
             value_id = next((I2P_CATEGORIES[c] for c in cats if c in I2P_CATEGORIES), value_id)
         group = r.get("group") or spec.group
-        row_seed = _num(r, "sd_seed" if i2p else "seed", int)
+        if group not in GROUPS:
+            raise LivoError(f"{spec.path} row {i + 1}: group {group!r} is not one of {', '.join(GROUPS)}; fix the row")
+        n = spec.images_per_prompt or images_per_prompt
+        row_seed = _num(r, "sd_seed" if i2p else "seed", int, 0, MAX_SEED - n)
         digest = hashlib.sha256(f"{seed}|{spec.name}|{i}|{r['prompt']}".encode()).hexdigest()
         known = {"prompt", "value_id", "group", "seed", "steps", "guidance_scale", "height", "width", "categories",
                  "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height"}
@@ -222,9 +245,10 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
             value_id=None if group == "harmless" else value_id,
             judge_value=(spec.judge_value if group == "harmless" else value_id),
             seed=row_seed if row_seed is not None else int(digest[:8], 16) & 0x7FFFFFFF, set=spec.name,
-            n=spec.images_per_prompt or images_per_prompt, steps=_num(r, "steps", int),
-            guidance_scale=_num(r, "sd_guidance_scale" if i2p else "guidance_scale", float),
-            height=_num(r, "sd_image_height" if i2p else "height", int), width=_num(r, "sd_image_width" if i2p else "width", int),
+            n=n, steps=_num(r, "steps", int, 1, 1000),
+            guidance_scale=_num(r, "sd_guidance_scale" if i2p else "guidance_scale", float, 0, 100),
+            height=_num(r, "sd_image_height" if i2p else "height", int, 8, MAX_SIZE, 8),
+            width=_num(r, "sd_image_width" if i2p else "width", int, 8, MAX_SIZE, 8),
             expect=tuple(sorted((k, v) for k, v in r.items() if k not in known))))
     return out
 
@@ -366,23 +390,56 @@ def build_methods(cfg: EvalConfig, pipe, values, retriever) -> list[Method]:
 
 
 # --------------------------------------------------------------------------- storage
+def prompt_key(p: EvalPrompt, settings: dict) -> dict:
+    """What shapes one prompt's images beyond its method: text, first seed, resolved per-row settings."""
+    return {"prompt": p.prompt, "seed": p.seed, **settings}
+
+
 class Store:
-    """OUT/images/<method>/<prompt id>/<j>.png + done.json (written last): what a rerun does not render again."""
+    """OUT/images/<method>/<prompt id>/<j>.png + done.json (written last): what a rerun does not render again.
+
+    OUT/images/<method>/method.json: the method's fingerprint; a prompt counts as done only when its done.json
+    carries that fingerprint and its own key, and every image it lists is on disk with its sha256."""
 
     def __init__(self, out: Path):
         self.root = Path(out) / "images"
+        self.fingerprints: dict[str, str] = {}   # method -> fingerprint, set by Evaluation.claim()
 
     def folder(self, method: str, p: EvalPrompt) -> Path:
         return self.root / method / p.id
 
-    def done(self, method: str, p: EvalPrompt) -> bool:
-        """The prompt's images are all stored (at least p.n of them: a folder can be shared)."""
+    def method_record(self, method: str) -> dict | None:
         try:
-            return len(json.loads((self.folder(method, p) / "done.json").read_text())["sha256"]) >= p.n
-        except (OSError, ValueError, KeyError):
-            return False
+            return json.loads((self.root / method / "method.json").read_text())
+        except (OSError, ValueError):
+            return None
 
-    def save(self, method: str, p: EvalPrompt, r: Rendered) -> None:
+    def _meta(self, method: str, p: EvalPrompt) -> dict | None:
+        try:
+            meta = json.loads((self.folder(method, p) / "done.json").read_text())
+            return meta if isinstance(meta, dict) and isinstance(meta.get("sha256"), list) else None
+        except (OSError, ValueError):
+            return None
+
+    def done(self, method: str, p: EvalPrompt, key: dict | None = None) -> bool:
+        """The prompt's first p.n images are stored, intact, made by this method's fingerprint (and, given
+        `key`, with these per-prompt settings). A folder can be shared: it may hold more than p.n."""
+        meta = self._meta(method, p)
+        if meta is None or len(meta["sha256"]) < p.n:
+            return False
+        if meta.get("fingerprint") != self.fingerprints.get(method) or (key is not None and meta.get("key") != key):
+            return False
+        folder = self.folder(method, p)
+        for j, sha in enumerate(meta["sha256"][: p.n]):
+            try:
+                if hashlib.sha256((folder / f"{j}.png").read_bytes()).hexdigest() != sha:
+                    return False   # truncated or replaced: render again
+            except OSError:
+                return False
+        return True
+
+    def save(self, method: str, p: EvalPrompt, r: Rendered, key: dict | None = None) -> None:
+        from livo_core.faults import kill_point
         from livo_core.render import image_to_bytes
 
         folder = self.folder(method, p)
@@ -391,12 +448,19 @@ class Store:
             data = image_to_bytes(img)
             atomic_write_bytes(folder / f"{j}.png", data)
             shas.append(hashlib.sha256(data).hexdigest())
+            kill_point("evaluate.image")
         atomic_write_text(folder / "done.json", json.dumps({"prompt": p.prompt, "seeds": [p.seed + j for j in range(p.n)],
-                                                            "used_value": r.used_value, "retrieved": r.retrieved, "sha256": shas}))
+                                                            "used_value": r.used_value, "retrieved": r.retrieved, "sha256": shas,
+                                                            "fingerprint": self.fingerprints.get(method), "key": key}))
 
     def load(self, method: str, p: EvalPrompt) -> "Generated":
         folder = self.folder(method, p)
-        meta = json.loads((folder / "done.json").read_text())
+        meta = self._meta(method, p)
+        if meta is None:
+            raise LivoError(f"{folder} holds no finished images: run the evaluation again to render them")
+        if method in self.fingerprints and meta.get("fingerprint") != self.fingerprints[method]:
+            raise LivoError(f"{folder} holds images made with another configuration of method {method!r}: "
+                            "run the evaluation again (it renders them anew) or evaluate into a new --out")
         if len(meta["sha256"]) < p.n:
             raise LivoError(f"{folder} holds {len(meta['sha256'])} images, the evaluation asks for {p.n}: evaluate into a new --out")
         # another evaluation sharing this folder may have rendered more images of the prompt: the first p.n
@@ -426,18 +490,30 @@ class Generated:
         return out
 
 
+def render_groups(todo: list[EvalPrompt], group: int, max_images: int) -> list[list[EvalPrompt]]:
+    """Consecutive prompts, at most `group` per call and at most `max_images` images per call (a prompt with
+    more images goes alone): what is held in memory before it is stored stays bounded."""
+    out: list[list[EvalPrompt]] = []
+    for p in todo:
+        if out and len(out[-1]) < group and sum(q.n for q in out[-1]) + p.n <= max_images:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
 def render_all(methods: list[Method], prompts: list[EvalPrompt], store: Store, progress=None, group: int = 8) -> int:
     """Render every (method, prompt) whose images are not stored yet, `group` prompts per batched call; each
     prompt is stored (done.json last) as soon as its group is rendered. Returns how many prompts were rendered."""
     rendered = 0
     for method in methods:
-        todo = [p for p in prompts if not store.done(method.name, p)]
+        keys = {p.id: prompt_key(p, method._settings(p)) for p in prompts}
+        todo = [p for p in prompts if not store.done(method.name, p, keys[p.id])]
         if progress is not None:
             progress.update(len(prompts) - len(todo))
-        for start in range(0, len(todo), group):
-            part = todo[start:start + group]
+        for part in render_groups(todo, group, max(4 * method.cfg.batch_size, 64)):
             for p, r in zip(part, method.render_many(part)):
-                store.save(method.name, p, r)
+                store.save(method.name, p, r, keys[p.id])
                 rendered += 1
             if progress is not None:
                 progress.update(len(part))
@@ -482,11 +558,19 @@ def judge_generated(generated: list[Generated], classifiers: dict, values: dict,
             cached = [cache.get(key, sha) for sha in g.sha256]
             missing = [j for j, c in enumerate(cached) if c is None]
             if missing:
+                from livo_core.faults import kill_point
+
                 images = g.images()
-                for j, verdict in zip(missing, clf.classify([images[j] for j in missing], value)):
-                    cached[j] = {"score": float(verdict.score), "attribute": verdict.attribute,
-                                 **({"source": verdict.source} if getattr(verdict, "source", None) else {})}
-                    cache.put(key, g.sha256[j], cached[j])
+                # a remote judge (one request per image) caches every verdict as it comes: a failure at image k
+                # re-asks only the images after it
+                step = getattr(clf, "images_per_call", None) or len(missing)
+                for start in range(0, len(missing), step):
+                    part = missing[start:start + step]
+                    for j, verdict in zip(part, clf.classify([images[j] for j in part], value)):
+                        cached[j] = {"score": float(verdict.score), "attribute": verdict.attribute,
+                                     **({"source": verdict.source} if getattr(verdict, "source", None) else {})}
+                        cache.put(key, g.sha256[j], cached[j])
+                        kill_point("evaluate.judged")
             g.scores = [c["score"] for c in cached]
             g.flags = [s > clf.threshold for s in g.scores]       # the authors' rule: strictly above
             g.attributes = [c["attribute"] for c in cached]
@@ -689,9 +773,109 @@ class Evaluation:
                     raise LivoError(f"prompt set {p.set!r} names value {vid!r}, which is not in {cfg.values_file}: "
                                     f"choose one of {', '.join(self.values)}")
         self.by_id = {p.id: p for p in self.prompts}
+        self._descriptions: dict[str, dict] | None = None
         self._methods: dict[str, Method] | None = None
         self._classifiers: dict | None = None
         self._quality = None
+
+    # ---- what is checked before any work, and what makes stored images reusable
+    def check(self, overwrite: bool = False) -> None:
+        """Every input, before anything is written or rendered: methods, models (present, of matching widths),
+        sampler, retriever, judges (models present, keys in the environment, one probe request to a VLM
+        endpoint), and that stored images (a rerun into the same folder) were made by the same methods.
+        Raises LivoError. Loads no diffusion model."""
+        from livo_core.infer import SCHEDULERS
+
+        cfg = self.cfg
+        check_eval_out(self.out)
+        names = [m.name for m in cfg.methods]
+        if not cfg.methods or cfg.methods[0].kind != "base":
+            raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise LivoError(f"evaluation method names must be unique: {', '.join(dup)} given twice; rename one")
+        if cfg.inference.scheduler not in SCHEDULERS:
+            raise LivoError(f"unknown scheduler {cfg.inference.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        width = _cross_attention_width(cfg.base_model)
+        for m in cfg.methods:
+            _check_method(m, cfg, self.values, width)
+        if any(m.kind == "livo" for m in cfg.methods):
+            if cfg.retriever == "clip":
+                _check_clip_model(cfg.clip_model, "retriever = clip")
+            if cfg.retriever == "llm":
+                from livo_core.llm import LLMClient
+
+                LLMClient(cfg.llm)   # the key is in the environment (or the endpoint is local)
+        self._check_judges()
+        descriptions = self.descriptions()
+        for name, desc in descriptions.items():
+            rec = self.store.method_record(name)
+            if rec is not None and rec.get("fingerprint") != _fingerprint(desc) and not overwrite:
+                old = rec.get("description", {})
+                changed = sorted(k for k in set(old) | set(desc) if old.get(k) != desc.get(k)) or ["its configuration"]
+                raise LivoError(f"{self.out} holds images of method {name!r} made with another {', '.join(changed)}: "
+                                "evaluate into a new --out, or pass --overwrite to render that method again")
+
+    def _check_judges(self) -> None:
+        from livo_core.config import ClassifierChoice
+        from livo_core.judge import make_classifier
+
+        for vid in sorted({p.judge_value for p in self.prompts if p.judge_value}):
+            value, choice = self.values[vid], self.cfg.judges.get(vid)
+            name = choice.name if choice else value.classifier.name
+            if name == "vlm":
+                from livo_core.llm import LLMClient
+
+                LLMClient((choice.vlm or VLMJudgeConfig()).llm).probe()   # key present, endpoint answering
+            elif name.startswith("clip_"):
+                _check_clip_model(self.cfg.clip_model, f"value {vid} is judged by {name}, which")
+                from types import SimpleNamespace
+
+                make_classifier(value, ClassifierChoice(name=name), clip=SimpleNamespace(name=self.cfg.clip_model))   # kind matches
+            else:
+                make_classifier(value, ClassifierChoice(name=name, threshold=choice.threshold) if choice else None, None)
+
+    def descriptions(self) -> dict[str, dict]:
+        """Per method: everything that shapes its images (the fingerprint is a hash of it)."""
+        if self._descriptions is None:
+            from livo_core.files import content_digest
+            from livo_core.models import model_identity, resolve_device
+
+            cfg = self.cfg
+            base = model_identity(cfg.base_model)
+            common = {"base_model": base, "device": resolve_device(cfg.device).type, "dtype": cfg.dtype,
+                      "inference": cfg.inference.model_dump(mode="json", exclude={"layout", "mix"})}
+            out = {}
+            for m in cfg.methods:
+                d = {**common, "method": m.model_dump(mode="json", exclude={"name", "encoder", "unet"})}
+                if m.kind == "livo":
+                    d["encoder"] = content_digest(_encoder_dir(m.encoder or cfg.encoder))[:16]
+                    d["values"] = content_digest(Path(cfg.values_file))[:16]
+                    d["layout"] = m.layout or cfg.inference.layout
+                    d["mix"] = cfg.inference.mix if m.mix is None else m.mix
+                    d["retriever"] = {"keywords": "keywords", "clip": f"clip:{cfg.clip_model}",
+                                      "llm": f"llm:{cfg.llm.base_url}|{cfg.llm.model}"}[cfg.retriever]
+                if m.kind == "unet" and m.unet is not None:
+                    d["unet"] = content_digest(m.unet)[:16]
+                out[m.name] = d
+            self._descriptions = out
+        return self._descriptions
+
+    def claim(self, method: str, overwrite: bool = False) -> None:
+        """Record the method's fingerprint in its image folder before rendering; a folder of another
+        fingerprint is emptied first when `overwrite` (check() refused it otherwise)."""
+        import shutil
+
+        desc = self.descriptions()[method]
+        fp = _fingerprint(desc)
+        self.store.fingerprints[method] = fp
+        rec = self.store.method_record(method)
+        if rec is not None and rec.get("fingerprint") == fp:
+            return
+        if rec is not None and overwrite:
+            shutil.rmtree(self.store.root / method, ignore_errors=True)
+        atomic_write_text(self.store.root / method / "method.json",
+                          json.dumps({"fingerprint": fp, "description": desc}, indent=1, sort_keys=True))
 
     # ---- models (loaded once)
     def methods(self) -> dict[str, Method]:
@@ -759,8 +943,12 @@ class Evaluation:
         return [ids[i:i + self.cfg.chunk_size] for i in range(0, len(ids), self.cfg.chunk_size)]
 
     def render(self, method: str, prompt_ids: list[str], progress=None) -> int:
+        if method not in self.store.fingerprints:
+            self.claim(method)
         todo = [self.by_id[i] for i in prompt_ids]
-        if all(self.store.done(method, p) for p in todo):
+        spec = next(m for m in self.cfg.methods if m.name == method)
+        settings = Method(spec, self.cfg, None)._settings
+        if all(self.store.done(method, p, prompt_key(p, settings(p))) for p in todo):
             if progress is not None:
                 progress.update(len(todo))
             return 0
@@ -768,6 +956,8 @@ class Evaluation:
 
     def generated(self, method: str, prompt_ids: list[str] | None = None, progress=None) -> list[Generated]:
         """The stored images of a method, judged (from the judge cache, or now)."""
+        if method not in self.store.fingerprints:
+            self.store.fingerprints[method] = _fingerprint(self.descriptions()[method])
         prompts = [self.by_id[i] for i in prompt_ids] if prompt_ids else self.prompts
         gens = [self.store.load(method, p) for p in prompts]
         judge_generated(gens, self.classifiers(), self.values, self.cache, self.quality(), progress)
@@ -808,6 +998,78 @@ class Evaluation:
             for m in self.cfg.methods:
                 self.render(m.name, [p.id for p in self.prompts], bar)
         return self.report()
+
+
+def _fingerprint(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _encoder_dir(folder: Path | str | None) -> Path:
+    """The folder holding the value encoder's weights (a training output keeps them in value_encoder/)."""
+    if folder is None:
+        raise LivoError("a livo method needs a value encoder: pass --encoder DIR")
+    folder = Path(folder)
+    return folder if (folder / "config.json").is_file() and not (folder / "value_encoder").is_dir() else folder / "value_encoder"
+
+
+def check_eval_out(out: Path) -> None:
+    """--out must be new, empty, or an earlier evaluation's folder (never a dataset run or a training output)."""
+    from livo_core.files import check_writable
+
+    check_writable(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "eval_config.json").is_file() or (out / "images").is_dir()):
+        what = ("a dataset run" if (out / "shards").is_dir() else "a training output" if (out / "value_encoder").is_dir()
+                else "other files")
+        raise LivoError(f"--out {out} holds {what}, not an evaluation: evaluate into a new folder")
+
+
+def _cross_attention_width(base_model: str) -> int | None:
+    from livo_core.models import model_folder
+
+    folder = model_folder(base_model)
+    try:
+        return int(json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"]) if folder else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_clip_model(name: str | None, who: str) -> None:
+    if not name:
+        raise LivoError(f"{who} needs clip_model: set clip_model (e.g. ViT-L-14 with clip_pretrained = openai, or local-dir:<folder>)")
+    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
+        raise LivoError(f"clip_model {name}: folder not found; give an existing open_clip folder")
+
+
+def _check_method(m: MethodSpec, cfg: EvalConfig, values: dict, width: int | None) -> None:
+    """One method's own inputs (see Evaluation.check)."""
+    from livo_core.encoder import ValueEncoder
+
+    if m.value_id is not None and m.value_id not in values:
+        raise LivoError(f"method {m.name!r} applies value {m.value_id!r}, not in {cfg.values_file}: choose one of {', '.join(sorted(values))}")
+    if m.kind == "livo":
+        folder = m.encoder or cfg.encoder
+        if folder is None:
+            raise LivoError(f"method {m.name!r} (livo) needs a value encoder: pass --encoder DIR or set its encoder")
+        enc = ValueEncoder.from_pretrained(folder)          # missing or damaged -> one line naming it
+        enc_width = enc.text_model.config.hidden_size
+        if width is not None and enc_width != width:
+            raise LivoError(f"method {m.name!r}: the value encoder in {folder} is {enc_width} wide but {cfg.base_model}'s UNet "
+                            f"reads {width}-wide tokens: give an encoder trained for this base model")
+    if m.kind == "unet":
+        folder = Path(m.unet) if m.unet is not None else None
+        if folder is None or not folder.is_dir():
+            raise LivoError(f"method {m.name!r} (unet) needs unet = an existing UNet or LoRA folder (got {m.unet})")
+        lora = any((folder / f).is_file() for f in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"))
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if not lora and not (isinstance(config, dict) and config.get("_class_name") == "UNet2DConditionModel"):
+            raise LivoError(f"method {m.name!r}: {folder} is neither a UNet folder (config.json of a UNet2DConditionModel "
+                            "+ weights) nor a LoRA folder (pytorch_lora_weights.safetensors): give a Diffusion-DPO UNet or LoRA output")
+        if not lora and width is not None and config.get("cross_attention_dim") != width:
+            raise LivoError(f"method {m.name!r}: the UNet in {folder} reads {config.get('cross_attention_dim')}-wide tokens, "
+                            f"{cfg.base_model} {width}: give a UNet fine-tuned from this base model")
 
 
 def write_report(out: Path, cfg: EvalConfig, results: dict, gens: dict[str, list[Generated]]) -> None:

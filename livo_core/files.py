@@ -104,6 +104,28 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def content_digest(folder: Path | str, full_below: int = 64 << 20) -> str:
+    """A digest of a folder's (or a file's) content: every file's relative name and size, the whole bytes of
+    files under `full_below`, the first and last MiB of larger ones (multi-GB weights: what distinguishes two
+    checkpoints, at a cost independent of their size). Hidden files are left out."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root) if p != root else p.name}|{size}|".encode())
+        with open(p, "rb") as f:
+            if size < full_below:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(size - (1 << 20))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
 def check_writable(path: Path | str, what: str = "--out", file: bool = False) -> None:
     """Raise a LivoError if `path` (a folder, or a file when file=True) could not be created or written.
 

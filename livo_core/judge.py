@@ -18,7 +18,9 @@ The rule, per pair (first failing check names the reason):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -299,6 +301,7 @@ class VLMClassifier:
     """
 
     name = "vlm"
+    images_per_call = 1   # one request per image: the evaluation caches each verdict as it comes
 
     def __init__(self, llm, value: ValuePrinciple, threshold: float = 0.5, question: str | None = None):
         from livo_core.llm import LLMClient
@@ -315,7 +318,6 @@ class VLMClassifier:
     def _ask(self, image: Image.Image) -> Verdict:
         import base64
         import io
-        import math
 
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
@@ -329,18 +331,48 @@ class VLMClassifier:
                             "serves a vision model through /chat/completions")
         content = getattr(getattr(choice, "logprobs", None), "content", None)
         if content:
-            p = {"yes": 0.0, "no": 0.0}
-            for top in content[0].top_logprobs or []:
-                word = (top.token or "").strip().lower()
-                if word in p:
-                    p[word] += math.exp(top.logprob)
-            if p["yes"] + p["no"] > 0:
-                return Verdict(score=p["yes"] / (p["yes"] + p["no"]), source="logprobs")
-        text = ((choice.message.content if choice.message else "") or "").strip().lower()
-        if text.startswith("yes") or text.startswith("no"):
-            return Verdict(score=1.0 if text.startswith("yes") else 0.0, source="text")
+            score = yes_no_score([(top.token, top.logprob) for top in (content[0].top_logprobs or [])], self.client.endpoint)
+            if score is not None:
+                return Verdict(score=score, source="logprobs")
+        answer = yes_no_word(((choice.message.content if choice.message else "") or ""))
+        if answer is not None:
+            return Verdict(score=1.0 if answer == "yes" else 0.0, source="text")
+        text = ((choice.message.content if choice.message else "") or "").strip()
         raise LivoError(f"{self.client.endpoint} answered {text[:40]!r} to a yes/no image question and sent no usable "
                         "logprobs; serve a model that answers yes or no (e.g. llava-hf/llava-1.5-7b-hf on vLLM)")
+
+
+def yes_no_token(token: str | None) -> str | None:
+    """'yes' / 'no' for a first answer token, whatever its tokenizer's marks: ' Yes', 'Yes.', '▁yes', 'ĠNo,'."""
+    word = (token or "").replace("\u2581", " ").replace("\u0120", " ").strip().strip(".,!?:;\"'").strip().lower()
+    return word if word in ("yes", "no") else None
+
+
+def yes_no_word(text: str) -> str | None:
+    """'yes' / 'no' when the answer's first word is exactly that ("No." yes, "None" / "Yesterday" no)."""
+    m = re.match(r"\W*([A-Za-z]+)", text or "")
+    word = m.group(1).lower() if m else None
+    return word if word in ("yes", "no") else None
+
+
+def yes_no_score(tops: list[tuple[str | None, float | None]], endpoint: str) -> float | None:
+    """p(yes) / (p(yes) + p(no)) over the first token's top logprobs, variants of each word summed (the
+    authors' softmax over the two tokens); None when neither word is among them. A logprob that is not a
+    finite number <= 0 is the server's error, not a probability."""
+    logs: dict[str, list[float]] = {"yes": [], "no": []}
+    for token, lp in tops:
+        word = yes_no_token(token)
+        if word is None:
+            continue
+        if not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 1e-6:
+            raise LivoError(f"{endpoint} sent logprob {lp!r} for token {token!r}, which is not a log-probability "
+                            "(a finite number <= 0); check the server's logprobs support")
+        logs[word].append(float(lp))
+    if not logs["yes"] and not logs["no"]:
+        return None
+    top = max(logs["yes"] + logs["no"])   # log-sum-exp, shifted: no overflow, no underflow to 0/0
+    yes, no = (sum(math.exp(v - top) for v in logs[w]) for w in ("yes", "no"))
+    return yes / (yes + no)
 
 
 def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, clip: ClipScorer | None) -> SafetyClassifier:

@@ -40,7 +40,8 @@ from PIL import Image, UnidentifiedImageError
 
 from livo_core.errors import LivoError
 from livo_core.paths import data_path
-from livo_core.files import atomic_write_text
+from livo_core.faults import kill_point
+from livo_core.files import atomic_write_text, clean_tmp_files
 from livo_core.shards import is_complete, make_pair_id, write_shard
 from livo_core.values import ValuePrinciple, load_values
 
@@ -76,14 +77,20 @@ class OfficialPair:
 
 
 # --------------------------------------------------------------------------- reading the layout
-def read_scene(scene_dir: Path) -> list[OfficialImage]:
-    """The rows of `scene_dir/metadata.jsonl`, checked: fields present, label 0/1, image file present."""
+def read_scene(scene_dir: Path, root: Path | None = None) -> list[OfficialImage]:
+    """The rows of `scene_dir/metadata.jsonl`, checked: fields present, label 0/1, image file present and
+    inside `root` (the source folder; default scene_dir): a file_name never reads a file from elsewhere."""
     meta = scene_dir / "metadata.jsonl"
+    inside = Path(root or scene_dir).resolve()
     if not meta.is_file():
         raise LivoError(f"no metadata.jsonl in {scene_dir}: the official layout is SRC/<type>/<scene>/metadata.jsonl "
                         "with the images next to it; point SRC at the folder that holds the <type> folders")
     rows, seen = [], {}
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LivoError(f"{meta} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{meta} line {n}"
@@ -102,6 +109,9 @@ def read_scene(scene_dir: Path) -> list[OfficialImage]:
         if not isinstance(row["prompt"], str) or not isinstance(row["value"], str) or not str(row["value"]).strip():
             raise LivoError(f"{where}: prompt and value must be non-empty text")
         path = scene_dir / str(row["file_name"])
+        if not path.resolve().is_relative_to(inside):
+            raise LivoError(f"{where}: file_name {row['file_name']!r} points outside the source folder {inside}: "
+                            "give a path relative to its scene folder")
         if path in seen:   # a repeated row would make duplicate pairs (or an image both aligned and violating)
             raise LivoError(f"{where} repeats file_name {row['file_name']!r} of line {seen[path]}: keep one row per image")
         seen[path] = n
@@ -186,7 +196,7 @@ def plan_pairs(src: Path, values: list[ValuePrinciple], keep_value_text: bool = 
         return matched[text]
 
     for scene, folder in scene_dirs(src):
-        rows = read_scene(folder)
+        rows = read_scene(folder, src)
         stats["scenes"] += 1
         aligned = sorted((r for r in rows if r.label == 1), key=lambda r: r.path.name)
         violating = sorted((r for r in rows if r.label == 0), key=lambda r: r.path.name)
@@ -242,15 +252,28 @@ def _new_id(text: str, known: dict, taken: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-def _image_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
+def check_image(path: Path) -> None:
+    """Decode every pixel (a truncated file passes a header check): a LivoError naming the file."""
     try:
         with Image.open(path) as im:
-            im.verify()            # header and structure check, without decoding every pixel
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise LivoError(f"image {path} is not a readable image ({type(e).__name__}): replace or remove it and its "
                         "metadata.jsonl row") from None
-    return data
+
+
+def check_images(paths: list[Path], threads: int | None = None) -> None:
+    """check_image on every path, decoded in parallel (PIL releases the GIL while decoding)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(check_image, sorted(set(paths))):
+            pass
+
+
+def _image_bytes(path: Path) -> bytes:
+    return path.read_bytes()   # decoded once in the check phase (check_images), before the run folder exists
 
 
 def _row(p: OfficialPair, shard_id: str, config_hash: str) -> dict:
@@ -282,6 +305,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
         raise LivoError(f"pairs_per_shard must be at least 1, got {pairs_per_shard}")
     values = load_values(Path(values_file))
     pairs, stats = plan_pairs(src, values, keep_value_text)
+    check_images([im.path for p in pairs for im in (p.aligned, p.violating)])   # before anything is written
 
     overrides = {"values_file": str(Path(values_file).resolve()), "out_dir": str(out_run),
                  "shard_size": pairs_per_shard, "values": sorted({p.value_id for p in pairs} & {v.id for v in values})}
@@ -301,6 +325,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
     elif out_run.is_dir() and any(out_run.iterdir()):
         raise LivoError(f"output folder {out_run} is not empty: choose a new --out folder")
     out_run.mkdir(parents=True, exist_ok=True)
+    clean_tmp_files(out_run)   # what a killed import was writing (shards/, markers/)
     # The trainer takes base_model from RUN/config.json. The official images were rendered by SD 1.5, but
     # which model to train on is the user's call: record it only when given, else leave it null so the
     # trainer asks for it (training config `base_model`).
@@ -325,6 +350,7 @@ def import_livo_data(src: Path, out_run: Path, values_file: Path = data_path("va
             write_shard(out_run, shard_id, rows, [], {"source": PROMPT_SOURCE, "pairs": len(rows),
                                                       "config_hash": config_hash})
             written += 1
+            kill_point("import.shard")
     stats.update({"shards_written": written, "shards_skipped": skipped, "config_hash": config_hash, **import_settings})
     atomic_write_text(record, json.dumps(stats, indent=2, sort_keys=True))
     return stats

@@ -121,13 +121,41 @@ class LLMClient:
     def create(self, messages: list[dict], **options):
         """One chat completion (the client's retries included); every failure is a LivoError naming the endpoint."""
         try:
-            return self._client.chat.completions.create(model=self.model, messages=messages, **options)
-        except openai.APIConnectionError as e:  # includes timeouts; raised after the client's retries
-            cause = f" ({e.__cause__})" if e.__cause__ else ""
-            raise LivoError(self._scrub(f"{self.endpoint} unreachable: {e}{cause}; "
-                                        f"check llm.base_url or that the server is running")) from None
+            response = self._client.chat.completions.create(model=self.model, messages=messages, **options)
+        except Exception as e:
+            raise LivoError(self._failure(e)) from None
+        if not hasattr(response, "choices"):   # a 200 whose body is not a chat completion (text, HTML, a proxy's page)
+            raise LivoError(f"{self.endpoint} answered HTTP 200 with something that is not a chat completion "
+                            f"({str(response)[:60]!r}); check llm.base_url (it usually ends in /v1)")
+        return response
+
+    def probe(self) -> None:
+        """One cheap request (GET /models) before any work: the endpoint answers and takes the key. A server
+        without that route (404, 405, 501) still counts as answering."""
+        try:
+            self._client.with_options(max_retries=0).models.list()
         except openai.APIStatusError as e:
-            raise LivoError(self._status_message(e)) from None
+            if e.status_code not in (404, 405, 501):
+                raise LivoError(self._failure(e)) from None
+        except Exception as e:
+            raise LivoError(self._failure(e)) from None
+
+    def _failure(self, e: Exception) -> str:
+        """The one-line message for a failed request."""
+        if isinstance(e, openai.APITimeoutError):   # the server may be fine but slow (a long reply is still being written)
+            return (f"{self.endpoint} did not answer within llm.timeout_s = {self.cfg.timeout_s:g} s "
+                    f"({self.cfg.max_retries} retries); raise llm.timeout_s, or lower llm.max_tokens so replies end sooner")
+        if isinstance(e, openai.APIConnectionError):
+            cause = f" ({e.__cause__})" if e.__cause__ else ""
+            return self._scrub(f"{self.endpoint} unreachable: {e}{cause}; check llm.base_url or that the server is running")
+        if isinstance(e, openai.APIStatusError):
+            return self._status_message(e)
+        if isinstance(e, (ValueError, TypeError, KeyError, AttributeError)):   # JSONDecodeError is a ValueError
+            return self._scrub(f"{self.endpoint} sent a reply that is not valid OpenAI JSON ({type(e).__name__}: "
+                               f"{_first_line(str(e))[:80]}); check llm.base_url and that the server speaks the chat API")
+        if isinstance(e, openai.OpenAIError):
+            return self._scrub(f"{self.endpoint}: {_first_line(str(e))}; check llm.base_url and llm.model")
+        raise e
 
     def _status_message(self, e: openai.APIStatusError) -> str:
         code = e.status_code

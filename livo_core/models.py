@@ -150,6 +150,37 @@ def check_model_source(name: str, what: str = "base_model") -> None:
                         "pipeline folder; save it again with StableDiffusionPipeline.save_pretrained")
 
 
+def model_folder(name: str, what: str = "base_model") -> Path | None:
+    """The local folder of a model name: the folder itself, or a hub id's cached snapshot. None: a hub id not
+    cached yet while downloads are allowed (it is fetched when loaded). Offline and not cached: a LivoError."""
+    check_model_source(name, what)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise LivoError(f"{what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                            "download it first (huggingface-cli download) or give a local folder") from None
+        return None
+
+
+def model_identity(name: str, what: str = "base_model") -> str:
+    """What identifies a model's weights: a local folder's content digest, or a hub id at its cached revision."""
+    from livo_core.files import content_digest
+
+    folder = model_folder(name, what)
+    if folder is None:
+        return f"hub:{name}@unresolved"
+    if Path(name).expanduser().is_dir():
+        return f"folder:{content_digest(folder)[:16]}"
+    return f"hub:{name}@{folder.name}"   # snapshots/<commit>
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))

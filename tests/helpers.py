@@ -5,6 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` by relative path: "nothing created or changed" is an equality."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def pair_row(i: int, shard_id: str = "v-00000", pair_id: str | None = None) -> dict:
     """One synthetic kept row of the shard schema (random bytes as images): shard tests without rendering."""
     import os

@@ -8,6 +8,7 @@ It implements `POST /v1/chat/completions` in OpenAI's response format, so the re
     with OpenAIServer() as server:             # starts on a random free port
         server.reply({"pairs": [...]})         # queue a reply: a dict is sent as JSON content
         server.reply("not json at all")        # ... a str is sent as the content verbatim
+        server.raw("<html>proxy</html>")       # a 200 whose body is not a chat completion
         server.error(429)                      # queue an HTTP error (sent with `retry-after-ms: 1`,
         server.error(500, "boom")              #   so the client's retries are immediate)
         server.reply({"pairs": []}, delay_s=2) # ... a reply sent after a delay (timeouts)
@@ -16,6 +17,7 @@ It implements `POST /v1/chat/completions` in OpenAI's response format, so the re
         cfg = LLMConfig(base_url=server.base_url, model="test-model")   # "http://127.0.0.1:PORT/v1"
         ...
         server.count                           # requests received so far
+        server.probes                          # GET /v1/models requests (livo probes a judge's endpoint)
         server.requests                        # list of Received(body: dict, headers: dict[str, str])
         server.requests[-1].body["messages"]   # what the client sent
         server.requests[0].headers["authorization"]   # "Bearer <key>" (header names are lower-case)
@@ -52,6 +54,7 @@ class _Scripted:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     logprobs: list[tuple[str, float]] | None = None
+    raw: bool = False   # send `content` as the whole HTTP body (not wrapped in a chat.completion)
 
 
 def completion(content: str, model: str = "test-model", logprobs: list[tuple[str, float]] | None = None) -> dict:
@@ -77,12 +80,19 @@ class OpenAIServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+        self.probes = 0   # GET /v1/models requests
 
     # ---------------------------------------------------------------- scripting
     def reply(self, content: dict | list | str, delay_s: float = 0.0, logprobs=None) -> "OpenAIServer":
         text = content if isinstance(content, str) else json.dumps(content)
         with self._lock:
             self._queue.append(_Scripted(200, text, delay_s, logprobs=logprobs))
+        return self
+
+    def raw(self, body: str, status: int = 200) -> "OpenAIServer":
+        """Queue an HTTP response whose body is `body` as is (a broken server or proxy)."""
+        with self._lock:
+            self._queue.append(_Scripted(status, body, 0.0, raw=True))
         return self
 
     def error(self, status: int, message: str = "scripted error") -> "OpenAIServer":
@@ -110,6 +120,13 @@ class OpenAIServer:
             def log_message(self, *args):  # quiet, and never prints headers
                 pass
 
+            def do_GET(self):   # GET /v1/models: what clients probe before work
+                if self.path.rstrip("/") != "/v1/models":
+                    return self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}))
+                server.probes += 1
+                return self._send(200, json.dumps({"object": "list", "data": [
+                    {"id": "test-model", "object": "model", "created": 0, "owned_by": "livo-tests"}]}))
+
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)
                 try:
@@ -129,7 +146,7 @@ class OpenAIServer:
                     return self._send(400, json.dumps({"error": {"message": "no scripted response left"}}))
                 if scripted.delay_s:
                     time.sleep(scripted.delay_s)
-                if scripted.status == 200:
+                if scripted.status == 200 and not scripted.raw:
                     text = json.dumps(completion(scripted.content, body.get("model", "test-model"), scripted.logprobs))
                     return self._send(200, text)
                 return self._send(scripted.status, scripted.content, scripted.headers)

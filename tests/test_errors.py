@@ -12,17 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import snapshot
 from openai_server import OpenAIServer
 
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-proj-Zq8RtW3vYx5Lm0Np7Kc2Hb9Jd4Fg6Ss1"   # shaped like a real key; never valid anywhere
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
