@@ -36,7 +36,7 @@ from livo_core.models import check_model_source, resolve_device
 from livo_core.progress import Progress
 from livo_core.shards import (
     DamagedFile, build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs,
-    migrate_legacy_plan, pairs_from_plan, plan_value, read_marker, save_pairs, save_value_plan,
+    migrate_legacy_plan, pairs_from_plan, pairs_path, plan_value, read_marker, save_pairs, save_value_plan,
 )
 from livo_core.values import ValuePrinciple, load_values
 
@@ -160,29 +160,51 @@ def principles_task(config: dict, run_dir: str) -> list[str]:
 
 
 @task(name="prompt-pairs", retries=0)
-def pairs_task(config: dict, run_dir: str, value_id: str) -> int:
-    """Make a value's prompt pairs (LLM answers cached in RUN/cache/llm), or read them back if stored."""
-    from livo_core.prompts import generate_pairs
+def pairs_task(config: dict, run_dir: str, value_ids: list[str]) -> dict[str, int]:
+    """Make the values' prompt pairs (LLM requests of every value in flight together, answers cached in
+    RUN/cache/llm), or read them back if stored. Saves RUN/pairs/<value>.jsonl, the dropped items in
+    <value>.rejected.jsonl and <value>.stats.json (diversity, rejections, LLM dialect and requests) for every
+    value that got pairs, then raises for the first that got none. Returns {value id: pairs}."""
+    from livo_core.llm import LLMClient
+    from livo_core.prompts import no_pairs_error, pair_stats, pairs_by_value
 
     run = Path(run_dir)
-    try:
-        pairs = load_pairs(run, value_id)
-    except DamagedFile as e:
-        # The plan holds every pair it was made from; else the pairs are made again (templates are
-        # deterministic, LLM answers come from RUN/cache/llm), and save_value_plan checks they agree.
-        pairs = pairs_from_plan(run, value_id)
-        get_run_logger().warning("%s; %s", e, "rebuilt it from the plan" if pairs else "making the pairs again")
-        if pairs is not None:
-            save_pairs(run, value_id, pairs)
-    if pairs is None:
-        cfg = RunConfig.model_validate(config)
-        value = next(v for v in run_values(cfg, run) if v.id == value_id)
-        pairs, rejections = generate_pairs(cfg, [value], run / "cache" / "llm")
+    counts, todo = {}, []
+    for value_id in value_ids:
+        try:
+            pairs = load_pairs(run, value_id)
+        except DamagedFile as e:
+            # The plan holds every pair it was made from; else the pairs are made again (templates are
+            # deterministic, LLM answers come from RUN/cache/llm), and save_value_plan checks they agree.
+            pairs = pairs_from_plan(run, value_id)
+            get_run_logger().warning("%s; %s", e, "rebuilt it from the plan" if pairs else "making the pairs again")
+            if pairs is not None:
+                save_pairs(run, value_id, pairs)
+        if pairs is None:
+            todo.append(value_id)
+        else:
+            counts[value_id] = len(pairs)
+    if not todo:
+        return counts
+    cfg = RunConfig.model_validate(config)
+    values = [v for v in run_values(cfg, run) if v.id in todo]
+    client = LLMClient(cfg.llm, run / "cache" / "llm") if cfg.prompt_source == "llm" else None
+    results = pairs_by_value(cfg, values, run / "cache" / "llm", client)
+    empty = None
+    for value in values:
+        pairs, rejections = results[value.id]
         if rejections:   # dropped LLM items, kept for inspection
-            atomic_write_text(run / "pairs" / f"{value_id}.rejected.jsonl",
+            atomic_write_text(run / "pairs" / f"{value.id}.rejected.jsonl",
                               "".join(json.dumps(r, default=str) + "\n" for r in rejections))
-        save_pairs(run, value_id, pairs)
-    return len(pairs)
+        if not pairs:
+            empty = empty or no_pairs_error(cfg, value.id, rejections)
+            continue
+        atomic_write_text(run / "pairs" / f"{value.id}.stats.json", json.dumps(pair_stats(pairs, rejections, client), indent=1))
+        save_pairs(run, value.id, pairs)
+        counts[value.id] = len(pairs)
+    if empty is not None:
+        raise empty
+    return counts
 
 
 def _shard_key(context, params: dict) -> str:
@@ -274,12 +296,14 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
                 principles_task(config, run_dir)
         except LivoError as e:
             stop = e
-        for value in ([] if stop else run_values(cfg, run)):
-            try:
-                pairs_task(config, run_dir, value.id)
-            except LivoError as e:   # e.g. the LLM endpoint failed: keep what is finished, stop here
-                stop = e
-                break
+        values = [] if stop else run_values(cfg, run)
+        try:
+            pairs_task(config, run_dir, [v.id for v in values])
+        except LivoError as e:   # e.g. the LLM endpoint failed: render the values that got pairs, then stop
+            stop = e
+        for value in values:
+            if not pairs_path(run, value.id).is_file():
+                continue
             shards = plan_value(cfg, value.id, load_pairs(run, value.id))
             save_value_plan(run, cfg, value.id, shards)
             # The cache is only trusted for shards whose marker is on disk: a shard deleted by hand is rebuilt.
@@ -376,6 +400,29 @@ def _stats_row(shard_id: str, value_id: str, state) -> dict:
             "rejected": {}, "seconds": None, "images_per_s": None, "error": error, "user_error": user_error}
 
 
+def prompt_stats_md(prompts: dict[str, dict]) -> str:
+    """The prompt section of stats.md: per value, diversity (word sets: livo_core.diversity) and rejections."""
+    if not prompts:
+        return ""
+    lines = ["", "## Prompts", "",
+             "Distinct = prompts with distinct word sets; similarity = mean pairwise Jaccard of word sets (a fixed sample of "
+             "at most 400 prompts); distinct-2 = distinct word bigrams / all bigrams.", "",
+             "| value | source | pairs | distinct | mean similarity | distinct-2 | rejected |", "|---|---|---|---|---|---|---|"]
+    for vid, p in prompts.items():
+        d = p["diversity"]
+        rejected = ", ".join(f"{k}: {n}" for k, n in p["rejected"].items()) or "-"
+        lines.append(f"| {vid} | {p['source']} | {p['pairs']} | {d['distinct']} | {d['mean_similarity']} | {d['distinct_2']} | {rejected} |")
+    llm = [(vid, p["llm"]) for vid, p in prompts.items() if p.get("llm")]
+    if llm:
+        vid, c = llm[-1]
+        refused = f" (refused: {', '.join(c['refused_dialects'])})" if c.get("refused_dialects") else ""
+        lines += ["", f"LLM {c['endpoint']} (model {c['model']}): structured output `{c['structured']}` -> dialect "
+                      f"`{c['dialect']}`{refused}; {c.get('requests', 0)} requests sent, {c.get('cached', 0)} answers from the "
+                      f"cache, {c.get('reasked_malformed', 0)} re-asks for malformed JSON, {c.get('cut', 0)} replies cut at "
+                      f"llm.max_tokens, {c.get('items_rejected', 0)} items failing the schema."]
+    return "\n".join(lines) + "\n"
+
+
 def write_stats(run: Path, rows: list[dict]) -> dict:
     """RUN/stats.json, RUN/stats.md and a Prefect table artifact of per-shard stats; returns the totals."""
     done = [r for r in rows if r["status"] != "failed"]
@@ -387,7 +434,11 @@ def write_stats(run: Path, rows: list[dict]) -> dict:
                "shards_failed": len(rows) - len(done), "kept": sum(r["kept"] for r in done),
                "rejected": dict(sorted(reasons.items())), "planned": sum(r["planned"] or 0 for r in done)}
     rows = [{k: v for k, v in r.items() if k != "user_error"} for r in rows]
-    atomic_write_text(run / "stats.json", json.dumps({"summary": summary, "shards": rows}, indent=1))
+    prompts = {p.name.removesuffix(".stats.json"): json.loads(p.read_text()) for p in sorted((run / "pairs").glob("*.stats.json"))}
+    llm = next((p["llm"] for p in prompts.values() if p.get("llm")), None)
+    if llm:   # the dialect the endpoint answered in, and how often it was asked
+        summary["llm"] = {k: llm.get(k) for k in ("endpoint", "model", "structured", "dialect", "refused_dialects")}
+    atomic_write_text(run / "stats.json", json.dumps({"summary": summary, "shards": rows, "prompts": prompts}, indent=1))
 
     table = [{"shard": r["shard"], "status": r["status"], "kept": r["kept"],
               "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-",
@@ -396,7 +447,8 @@ def write_stats(run: Path, rows: list[dict]) -> dict:
     lines = "".join("| " + " | ".join("" if v is None else str(v) for v in t.values()) + " |\n" for t in table)
     atomic_write_text(run / "stats.md", f"# Dataset {run}\n\n{summary['kept']} pairs kept of {summary['planned']} "
                                         f"planned; rejected: {summary['rejected'] or 'none'}; "
-                                        f"{summary['shards_failed']} shard(s) failed.\n\n{header}{lines}")
+                                        f"{summary['shards_failed']} shard(s) failed.\n\n{header}{lines}"
+                                        + prompt_stats_md(prompts))
     if table:
         create_table_artifact(table=table, key="livo-dataset-shards",
                               description=f"Per-shard stats of the livo dataset in {run}")

@@ -61,6 +61,20 @@ class LLMConfig(_Strict):
     max_tokens: int = Field(2048, ge=16, le=65536, description="Most tokens a reply may have: a model that does not stop ends there instead of at the server's context limit.")
     pairs_per_request: int = Field(8, ge=1, le=50, description="Prompt pairs asked for per LLM request.")
     reask: int = Field(1, ge=0, le=5, description="Re-asks when the reply is not valid JSON for the schema.")
+    structured: Literal["auto", "json_schema", "json_object_schema", "json_object", "none"] = Field(
+        "auto", description="How the reply's JSON schema is sent: json_schema = OpenAI's response_format (OpenAI, vLLM, "
+        "llama.cpp's llama-server, LM Studio, SGLang, Ollama); json_object_schema = llama-cpp-python's server; json_object = "
+        "JSON mode without a schema; none = no response_format; auto = the first the server accepts, in that order.")
+    max_concurrency: int = Field(8, ge=1, le=256, description="LLM requests in flight at once (across values and batches). "
+                                 "Results do not depend on it.")
+    near_duplicate: float = Field(0.8, gt=0, le=1, description="Prompts whose word sets (lower case, punctuation and "
+                                  "articles dropped) have a Jaccard similarity at or above this are near duplicates: "
+                                  "the later one is rejected. 1 = only exact (normalised) repeats.")
+    facets_file: Path | None = Field(None, description="YAML of `settings` and `styles` lists: request k of a value asks for "
+                                     "prompts set in the k-th (setting, style) combination, so requests run in parallel "
+                                     "without repeating each other. None: prompts/facets.yaml.")
+    max_rounds: int = Field(4, ge=1, le=20, description="Rounds of requests per value: a round asks for what the "
+                            "previous ones left missing (items rejected or duplicates).")
 
 
 class RenderConfig(_Strict):

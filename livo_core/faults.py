@@ -6,7 +6,7 @@
 Points (POINTS below; a name not in it is an error, so a typo cannot make a test pass without killing):
 train.log, train.checkpoint, train.piece (a cache piece written), nightly.<step> (see flows/nightly.py),
 export.file (a file linked into the export's temporary folder), evaluate.image (an evaluation image stored),
-evaluate.judged (a verdict cached), import.shard (an imported shard written).
+evaluate.judged (a verdict cached), import.shard (an imported shard written), llm.answer (an LLM answer cached).
 Unset (always, outside tests) it costs one dictionary lookup per call.
 """
 
@@ -19,6 +19,7 @@ POINTS = frozenset({
     "train.log", "train.checkpoint", "train.piece",
     "nightly.data", "nightly.heldout", "nightly.train", "nightly.evaluate", "nightly.register", "nightly.decide",
     "nightly.prune", "export.file", "evaluate.image", "evaluate.judged", "import.shard",
+    "llm.answer",
 })
 
 _hits: dict[str, int] = {}

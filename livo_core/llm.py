@@ -4,6 +4,12 @@ Works against OpenAI or any server speaking its chat API (vLLM, Ollama, llama.cp
 Retries on 429/5xx/connection errors are the openai client's own (`llm.max_retries`, honouring the
 server's retry-after); this module adds what the client does not do:
 
+- structured outputs: every request carries the reply's JSON schema in the server's dialect
+  (`llm.structured`; `auto` tries OpenAI's `json_schema` first and falls back once per endpoint on a
+  400/422 that names `response_format`: llama-cpp-python's `json_object` + `schema`, then plain
+  `json_object`, then nothing), remembered for the client's life and reported in `stats`;
+- `llm.max_tokens` on every request; a reply cut there (`finish_reason == "length"`) is re-asked, and
+  named as such if it never fits;
 - lenient JSON parsing (code fences, prose around the object) and re-asking when a reply is not JSON;
 - per-item validation: a malformed item is dropped with a recorded reason, the rest are kept;
 - a disk cache keyed by the request, so a rerun reads its answers instead of calling the server;
@@ -20,6 +26,8 @@ import json
 import logging
 import os
 import re
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +37,8 @@ from pydantic import BaseModel, ValidationError
 
 from livo_core.config import LLMConfig
 from livo_core.errors import LivoError
+from livo_core.faults import kill_point
+from livo_core.files import atomic_write_text
 from livo_core.paths import PROMPTS_DIR, prompt_template
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,38 @@ log = logging.getLogger(__name__)
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 SYSTEM_PROMPT = "You write data for machine-learning experiments. Reply with one JSON object and nothing else."
+# What `auto` tries, in order: OpenAI / vLLM / llama-server / LM Studio / SGLang / Ollama, then llama-cpp-python.
+DIALECTS = ("json_schema", "json_object_schema", "json_object", "none")
+
+
+def response_format(dialect: str, schema: dict) -> dict | None:
+    """The `response_format` of a chat request asking for JSON of `schema`, in a server's dialect."""
+    if dialect == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    if dialect == "json_object_schema":
+        return {"type": "json_object", "schema": schema}
+    if dialect == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def reply_schema(item_schema: type[BaseModel], key: str | None, max_items: int | None = None) -> dict:
+    """JSON schema of a reply `{key: [item, ...]}` (or of the item itself when key is None)."""
+    item = item_schema.model_json_schema()
+    if key is None:
+        return item
+    defs = item.pop("$defs", None)
+    array: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
+    if max_items:
+        array["maxItems"] = max_items
+    schema = {"type": "object", "properties": {key: array}, "required": [key], "additionalProperties": False}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _names_response_format(e: openai.APIStatusError) -> bool:
+    """A refusal of the request's response_format (not of the model, key or messages)."""
+    text = f"{e.message} {e.body}".lower()
+    return e.status_code in (400, 422) and ("response_format" in text or "json_schema" in text)
 
 
 class LLMClient:
@@ -59,10 +101,26 @@ class LLMClient:
             self._key = "not-needed"  # local servers (vLLM, Ollama) ignore the key, the client needs one
         self._client = openai.OpenAI(base_url=self.base_url, api_key=self._key,
                                      max_retries=cfg.max_retries, timeout=cfg.timeout_s)
+        # the structured-output dialect: fixed by the config, or found by the first request (auto)
+        self.dialect: str | None = None if cfg.structured == "auto" else cfg.structured
+        self.refused: list[str] = []        # dialects the endpoint refused (auto)
+        self._dialect_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.stats: Counter = Counter()     # requests, cached, reasked_malformed, cut, items_rejected
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def report(self) -> dict:
+        """What this client did (recorded in a run's stats): dialect, requests, cache hits, re-asks."""
+        with self._stats_lock:
+            return {"endpoint": self.base_url, "model": self.model, "structured": self.cfg.structured,
+                    "dialect": self.dialect, "refused_dialects": list(self.refused), **dict(sorted(self.stats.items()))}
 
     # ------------------------------------------------------------------ one JSON request
     def chat_json(self, template: str, variables: dict[str, Any], item_schema: type[BaseModel],
-                  key: str | None) -> tuple[list[BaseModel], list[dict]]:
+                  key: str | None, max_items: int | None = None) -> tuple[list[BaseModel], list[dict]]:
         """Render `prompts/<template>` with `variables`, ask for JSON, validate the items.
 
         The reply must be a JSON object `{key: [item, ...]}`; each item is validated against
@@ -70,6 +128,7 @@ class LLMClient:
         `{"value_id": ..., "reason": ...}`).
         Returns (items, rejections); a rejection is {"reason": str, "item": <the raw item>}.
         A reply that is not JSON of that shape is re-asked up to `llm.reask` times, then a LivoError.
+        The request carries the reply's schema (`max_items`: most items asked for) in the server's dialect.
         """
         try:
             user = prompt_template(template).format(**variables)
@@ -78,45 +137,101 @@ class LLMClient:
                             f"choose one of {sorted(p.name for p in PROMPTS_DIR.glob('*.txt'))}") from None
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         shape = f'{{"{key}": [...]}}' if key else "a single JSON object"
+        schema = reply_schema(item_schema, key, max_items)
 
+        cut = 0
         for attempt in range(self.cfg.reask + 1):
-            text = self._complete(messages, accept=lambda t: _raw_items(t, key) is not None)
+            text, finish = self._complete(messages, schema, accept=lambda t: _raw_items(t, key) is not None)
             raw_items = _raw_items(text, key)
             if raw_items is not None:
-                return _validate(raw_items, item_schema)
+                items, rejections = _validate(raw_items, item_schema)
+                self.count("items_rejected", len(rejections))
+                return items, rejections
             if attempt == self.cfg.reask:
                 break
-            log.warning("%s: reply %d is not JSON of the form %s; re-asking", self.endpoint, attempt + 1, shape)
+            if finish == "length":   # cut at max_tokens: ask again for a shorter reply
+                cut += 1
+                log.warning("%s: reply %d was cut at llm.max_tokens = %d; re-asking for a shorter one", self.endpoint,
+                            attempt + 1, self.cfg.max_tokens)
+                note = (f"That reply was cut off at the length limit. Reply again with a shorter JSON object of the "
+                        f"form {shape}: fewer or shorter items.")
+            else:
+                self.count("reasked_malformed")
+                log.warning("%s: reply %d is not JSON of the form %s; re-asking", self.endpoint, attempt + 1, shape)
+                note = f"That reply was not a JSON object of the form {shape}. Reply again with only that JSON object, with no text around it."
             # Show the model its own reply so it can correct it (and so the re-ask is a new request).
-            messages = messages + [
-                {"role": "assistant", "content": text},
-                {"role": "user", "content": f"That reply was not a JSON object of the form {shape}. Reply again with only "
-                                            f"that JSON object, with no text around it."},
-            ]
+            messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": note}]
+        if finish == "length":
+            raise LivoError(f"{self.endpoint}'s replies were cut at llm.max_tokens = {self.cfg.max_tokens} tokens "
+                            f"{cut + 1} time(s) (finish_reason \"length\"); raise llm.max_tokens or lower llm.pairs_per_request")
         raise LivoError(f"{self.endpoint} did not reply with JSON of the form {shape} after "
                         f"{self.cfg.reask + 1} tries (last reply starts {text[:80]!r}); "
-                        f"try another model or raise llm.reask")
+                        f"try another model, llm.structured = json_object_schema (llama-cpp-python) or raise llm.reask")
 
     # ------------------------------------------------------------------ one HTTP call, cached
-    def _complete(self, messages: list[dict], accept) -> str:
-        """The reply text for `messages`: from the cache, or from the server (then cached if accepted)."""
+    def _complete(self, messages: list[dict], schema: dict, accept) -> tuple[str, str | None]:
+        """(reply text, finish_reason) for `messages`: from the cache, or from the server (then cached if accepted).
+
+        The cache key is what the model is asked (endpoint, model, messages, temperature, max_tokens), not the
+        dialect it is asked in: a rerun reads its answers whichever dialect a server speaks."""
         request = {"base_url": self.base_url, "model": self.model, "messages": messages,
-                   "temperature": self.cfg.temperature}
+                   "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         path = self.cache_dir / f"{digest}.json" if self.cache_dir else None
         if path is not None and path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))["content"]
-
-        # response_format: servers that do not know it ignore it
-        response = self.create(messages, temperature=self.cfg.temperature, response_format={"type": "json_object"})
-        text = (response.choices[0].message.content or "") if response.choices else ""
+            try:
+                self.count("cached")
+                return json.loads(path.read_text(encoding="utf-8"))["content"], "stop"
+            except (ValueError, KeyError):
+                pass   # a damaged cache file: ask again
+        self.count("requests")
+        response = self._structured(messages, schema, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+        choice = response.choices[0] if response.choices else None
+        text = ((choice.message.content if choice and choice.message else "") or "")
+        finish = getattr(choice, "finish_reason", None)
+        if finish == "length":
+            self.count("cut")
         # Only answers we can use are cached: a bad one is asked again on a rerun, not replayed.
         if path is not None and accept(text):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"request": request, "content": text}, indent=1), encoding="utf-8")
-            tmp.replace(path)  # atomic: a crash never leaves half a cache file
-        return text
+            atomic_write_text(path, json.dumps({"request": request, "content": text}, indent=1))
+            kill_point("llm.answer")
+        return text, finish
+
+    def _structured(self, messages: list[dict], schema: dict, **options):
+        """One request carrying `schema` in the endpoint's dialect; with `auto`, the first request finds the dialect
+        (the others wait for it): each dialect a 400/422 naming response_format refuses is dropped for good."""
+        if self.dialect is None:
+            with self._dialect_lock:
+                while self.dialect is None:
+                    dialect = next(d for d in DIALECTS if d not in self.refused)
+                    try:
+                        response = self._send(messages, dialect, schema, **options)
+                    except openai.APIStatusError as e:
+                        if dialect != "none" and _names_response_format(e):
+                            log.warning("%s refused response_format %s (HTTP %d); trying the next dialect",
+                                        self.endpoint, dialect, e.status_code)
+                            self.refused.append(dialect)
+                            continue
+                        raise LivoError(self._failure(e)) from None
+                    except Exception as e:
+                        raise LivoError(self._failure(e)) from None
+                    self.dialect = dialect
+                    return self._check_reply(response)
+        try:
+            return self._check_reply(self._send(messages, self.dialect, schema, **options))
+        except Exception as e:
+            raise LivoError(self._failure(e)) from None
+
+    def _send(self, messages: list[dict], dialect: str, schema: dict, **options):
+        fmt = response_format(dialect, schema)
+        return self._client.chat.completions.create(model=self.model, messages=messages,
+                                                    **({"response_format": fmt} if fmt else {}), **options)
+
+    def _check_reply(self, response):
+        if not hasattr(response, "choices"):   # a 200 whose body is not a chat completion (text, HTML, a proxy's page)
+            raise LivoError(f"{self.endpoint} answered HTTP 200 with something that is not a chat completion "
+                            f"({str(response)[:60]!r}); check llm.base_url (it usually ends in /v1)")
+        return response
 
     def create(self, messages: list[dict], **options):
         """One chat completion (the client's retries included); every failure is a LivoError naming the endpoint."""
@@ -124,10 +239,7 @@ class LLMClient:
             response = self._client.chat.completions.create(model=self.model, messages=messages, **options)
         except Exception as e:
             raise LivoError(self._failure(e)) from None
-        if not hasattr(response, "choices"):   # a 200 whose body is not a chat completion (text, HTML, a proxy's page)
-            raise LivoError(f"{self.endpoint} answered HTTP 200 with something that is not a chat completion "
-                            f"({str(response)[:60]!r}); check llm.base_url (it usually ends in /v1)")
-        return response
+        return self._check_reply(response)
 
     def probe(self) -> None:
         """One cheap request (GET /models) before any work: the endpoint answers and takes the key. A server
@@ -142,6 +254,8 @@ class LLMClient:
 
     def _failure(self, e: Exception) -> str:
         """The one-line message for a failed request."""
+        if isinstance(e, LivoError):
+            return str(e)
         if isinstance(e, openai.APITimeoutError):   # the server may be fine but slow (a long reply is still being written)
             return (f"{self.endpoint} did not answer within llm.timeout_s = {self.cfg.timeout_s:g} s "
                     f"({self.cfg.max_retries} retries); raise llm.timeout_s, or lower llm.max_tokens so replies end sooner")

@@ -13,6 +13,7 @@ under-represented attribute ("a photo of a female doctor").
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -209,106 +210,214 @@ def _mentions(text: str, word: str) -> bool:
     return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
 
 
-def llm_pairs(value: ValuePrinciple, n: int, client: LLMClient) -> tuple[list[PromptPair], list[dict]]:
-    """Up to `n` prompt pairs for `value` written by the LLM behind `client`.
+def load_facets(path: Path | None = None) -> list[str]:
+    """The slices of the prompt space requests are spread over: every (setting, style) of the facets file, in
+    a fixed shuffled order (so consecutive requests differ in both)."""
+    from livo_core.paths import PROMPTS_DIR
 
-    Asks `llm.pairs_per_request` at a time, telling the model which prompts it already wrote, until
-    `n` distinct pairs exist or a request brings nothing new. Returns (pairs, rejections); each
-    rejection is {"value_id", "reason", "item"}.
-    """
-    per_request = client.cfg.pairs_per_request
-    source = f"llm:{client.model}"
-    pairs: list[PromptPair] = []
-    rejections: list[dict] = []
-    seen: set[str] = set()
-    attributes = [a for a in value.attributes if a != value.majority_attribute]
+    path = Path(path) if path else PROMPTS_DIR / "facets.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise LivoError(f"facets file {path} not found: set llm.facets_file to a YAML file with settings: and styles: lists") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LivoError(f"facets file {path} is not valid UTF-8 YAML ({str(e).splitlines()[0]}); fix it") from None
+    settings, styles = data.get("settings"), data.get("styles")
+    if not (isinstance(settings, list) and settings and isinstance(styles, list) and styles
+            and all(isinstance(x, str) and x.strip() for x in settings + styles)):
+        raise LivoError(f"facets file {path} needs non-empty lists `settings:` and `styles:` of text")
+    combos = [f"{a.strip()}, shown as {b.strip()}" for a in settings for b in styles]
+    random.Random("livo-facets").shuffle(combos)
+    return combos
 
-    def reject(reason: str, item: Any) -> None:
-        rejections.append({"value_id": value.id, "reason": reason, "item": item})
 
-    max_requests = -(-n // per_request) + 2   # a couple of extra asks make up for rejected items
-    for _ in range(max_requests):
-        if len(pairs) >= n:
-            break
-        # The latest prompts steer the model away from repeats (capped to keep the request short).
-        already = "\n".join(f"- {p.prompt}" for p in pairs[-100:]) or "(none yet)"
-        common = {"principle": value.principle, "concept": value.concept, "n": min(per_request, n - len(pairs)),
-                  "already": already}
-        if value.kind == "toxicity":
-            items, bad = client.chat_json("toxicity_pairs.txt", {**common, "keywords": ", ".join(value.keywords)},
-                                          _ToxicityItem, "pairs")
-        else:
-            items, bad = client.chat_json("bias_prompts.txt", {**common, "attributes": ", ".join(value.attributes)},
-                                          _BiasItem, "prompts")
+@dataclass(frozen=True)
+class _Request:
+    value: ValuePrinciple
+    round: int
+    index: int        # the value's k-th request (over every round): its slice of the space
+    n: int            # items asked for
+    focus: str
+
+
+def _ask(client: LLMClient, req: _Request):
+    value = req.value
+    common = {"principle": value.principle, "concept": value.concept, "n": req.n, "focus": req.focus}
+    if value.kind == "toxicity":
+        return client.chat_json("toxicity_pairs.txt", {**common, "keywords": ", ".join(value.keywords)},
+                                _ToxicityItem, "pairs", max_items=req.n)
+    return client.chat_json("bias_prompts.txt", {**common, "attributes": ", ".join(value.attributes)},
+                            _BiasItem, "prompts", max_items=req.n)
+
+
+class _ValueState:
+    """One value's pairs so far, in request order, with the near-duplicate index of their prompts."""
+
+    def __init__(self, value: ValuePrinciple, n: int, threshold: float, source: str):
+        from livo_core.diversity import NearDuplicates
+
+        self.value, self.n, self.source = value, n, source
+        self.pairs: list[PromptPair] = []
+        self.rejections: list[dict] = []
+        self.asked = 0
+        self.stalled = False
+        self.dedup = NearDuplicates(threshold)
+        self.text: dict[str, str] = {}
+        self.attributes = [a for a in value.attributes if a != value.majority_attribute]
+
+    def reject(self, reason: str, item: Any) -> None:
+        self.rejections.append({"value_id": self.value.id, "reason": reason, "item": item})
+
+    def take(self, req: _Request, items: list, bad: list[dict]) -> None:
+        """Keep the request's valid, new items (in their order) until n pairs exist."""
+        value = self.value
         for r in bad:
-            reject(r["reason"], r["item"])
-        before = len(pairs)
-        for item in items:
-            if len(pairs) >= n:
+            self.reject(r["reason"], r["item"])
+        for k, item in enumerate(items):
+            if len(self.pairs) >= self.n:
                 break
             raw = item.model_dump()
-            if item.prompt in seen:
-                reject("duplicate prompt", raw)
-                continue
             if value.kind == "toxicity":
                 aligned, attribute = item.aligned_prompt, None
                 if aligned.lower() == item.prompt.lower():
-                    reject("aligned prompt equals the prompt", raw)
+                    self.reject("aligned prompt equals the prompt", raw)
                     continue
-                named = next((k for k in value.keywords if _mentions(aligned, k)), None)
+                named = next((w for w in value.keywords if _mentions(aligned, w)), None)
                 if named:
                     # Naming the concept, even negated ("no blood"), makes the model draw it.
-                    reject(f"aligned prompt still names the concept ({named!r})", raw)
+                    self.reject(f"aligned prompt still names the concept ({named!r})", raw)
                     continue
             else:
                 named = next((a for a in value.attributes if _mentions(item.prompt, a)), None)
                 if named:
-                    reject(f"prompt is not neutral: it names the attribute {named!r}", raw)
+                    self.reject(f"prompt is not neutral: it names the attribute {named!r}", raw)
                     continue
                 if not _mentions(item.prompt, item.subject):
-                    reject(f"subject {item.subject!r} does not occur in the prompt", raw)
+                    self.reject(f"subject {item.subject!r} does not occur in the prompt", raw)
                     continue
-                attribute = attributes[len(pairs) % len(attributes)]
+                attribute = self.attributes[len(self.pairs) % len(self.attributes)]
                 aligned = fix_articles(re.sub(rf"\b{re.escape(item.subject)}\b", lambda m: f"{attribute} {m.group(0)}",
                                               item.prompt, count=1, flags=re.IGNORECASE))
-            seen.add(item.prompt)
-            pairs.append(PromptPair(value.id, value.kind, item.prompt, aligned, item.prompt, attribute, source))
-        if len(pairs) == before:
-            break   # the model has nothing new to offer
-    return pairs, rejections
+            item_id = f"r{req.round}q{req.index}i{k}"
+            dup = self.dedup.add(item_id, item.prompt)
+            if dup is not None:
+                self.reject(f"near duplicate of {dup} ({self.text[dup]!r})", raw)
+                continue
+            self.text[item_id] = item.prompt
+            self.pairs.append(PromptPair(value.id, value.kind, item.prompt, aligned, item.prompt, attribute, self.source))
+
+
+def llm_pairs_for_values(values: list[ValuePrinciple], n: int, client: LLMClient, facets: list[str] | None = None
+                         ) -> dict[str, tuple[list[PromptPair], list[dict]]]:
+    """Up to `n` prompt pairs per value, written by the LLM behind `client`: {value id: (pairs, rejections)}.
+
+    Planned, not serial: round 1 asks every value's ceil(n / llm.pairs_per_request) requests at once, each for
+    its own slice of the space (a facet: setting and style), `llm.max_concurrency` in flight across values;
+    a later round asks for what rejections and near duplicates left missing (one request more than needed),
+    with new facets, until n pairs, `llm.max_rounds`, or a round that brings nothing new. Items are taken in
+    (round, request, item) order whatever order the replies come in, so the same answers (the cache) give
+    the same pairs at any concurrency. Each rejection is {"value_id", "reason", "item"}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = client.cfg
+    facets = facets or load_facets(cfg.facets_file)
+    per_request = cfg.pairs_per_request
+    states = {v.id: _ValueState(v, n, cfg.near_duplicate, f"llm:{client.model}") for v in values}
+    with ThreadPoolExecutor(max_workers=cfg.max_concurrency) as pool:
+        for rnd in range(cfg.max_rounds):
+            requests: list[_Request] = []
+            for st in states.values():
+                missing = n - len(st.pairs)
+                if missing <= 0 or st.stalled:
+                    continue
+                k = -(-missing // per_request) + (1 if rnd else 0)
+                offset = int(hashlib.sha256(st.value.id.encode()).hexdigest()[:8], 16)   # values start at different facets
+                requests += [_Request(st.value, rnd, st.asked + j, min(per_request, max(1, missing - j * per_request)) if not rnd
+                                      else per_request, facets[(offset + st.asked + j) % len(facets)]) for j in range(k)]
+                st.asked += k
+            if not requests:
+                break
+            before = {vid: len(st.pairs) for vid, st in states.items()}
+            futures = [pool.submit(_ask, client, req) for req in requests]
+            try:
+                for req, future in zip(requests, futures):   # request order, not completion order
+                    items, bad = future.result()
+                    states[req.value.id].take(req, items, bad)
+            except BaseException:
+                for f in futures:
+                    f.cancel()   # not started yet; those in flight finish (and are cached)
+                raise
+            for vid in {r.value.id for r in requests}:
+                states[vid].stalled = len(states[vid].pairs) == before[vid]   # the model has nothing new to offer
+    return {vid: (st.pairs, st.rejections) for vid, st in states.items()}
+
+
+def llm_pairs(value: ValuePrinciple, n: int, client: LLMClient) -> tuple[list[PromptPair], list[dict]]:
+    """Up to `n` prompt pairs for one value (see llm_pairs_for_values)."""
+    return llm_pairs_for_values([value], n, client)[value.id]
 
 
 # ---------------------------------------------------------------------- both sources
-def generate_pairs(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None
-                   ) -> tuple[list[PromptPair], list[dict]]:
-    """Prompt pairs for every value of a run, from cfg.prompt_source (LLM answers cached in cache_dir).
+def reason_kind(reason: str) -> str:
+    """A rejection reason without the item it names ("near duplicate of r0q1i2 ('...')" -> "near duplicate")."""
+    return "near duplicate" if reason.startswith("near duplicate") else reason
 
-    Returns (pairs, rejections); rejections are the LLM items that were dropped (none for templates).
-    A value that gets no pair at all is a LivoError: a run without data for a value is a wrong run.
-    """
-    pairs: list[PromptPair] = []
-    rejections: list[dict] = []
+
+def pairs_by_value(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None, client: LLMClient | None = None
+                   ) -> dict[str, tuple[list[PromptPair], list[dict]]]:
+    """{value id: (pairs, rejections)} from cfg.prompt_source (LLM answers cached in cache_dir); a value may get
+    no pair (see no_pairs_error). Rejections are the LLM items that were dropped (none for templates)."""
     if cfg.prompt_source == "template":
         seeds = load_seeds(cfg.seeds_file)
-        for value in values:
-            got = template_pairs(value, seeds, cfg.prompts_per_value, cfg.seed)
-            if not got:
-                raise LivoError(f"no prompt pairs were produced for value {value.id!r}: its templates in "
-                                f"{cfg.seeds_file} give no distinct prompts; add slot items or templates")
-            pairs += got
-    else:
-        from livo_core.llm import LLMClient
+        return {v.id: (template_pairs(v, seeds, cfg.prompts_per_value, cfg.seed), []) for v in values}
+    from livo_core.llm import LLMClient
 
-        client = LLMClient(cfg.llm, cache_dir)
-        for value in values:
-            got, bad = llm_pairs(value, cfg.prompts_per_value, client)
-            rejections += bad
-            if not got:
-                why = f"all {len(bad)} items were rejected (first: {bad[0]['reason']})" if bad else "the model returned no items"
-                raise LivoError(f"no prompt pairs were produced for value {value.id!r}: {why}; "
-                                f"try another llm.model or prompt_source=template")
-            pairs += got
+    return llm_pairs_for_values(values, cfg.prompts_per_value, client or LLMClient(cfg.llm, cache_dir))
+
+
+def no_pairs_error(cfg: RunConfig, value_id: str, rejections: list[dict]) -> LivoError:
+    """The error of a value that got no pair: a run without data for a value is a wrong run."""
+    if cfg.prompt_source == "template":
+        return LivoError(f"no prompt pairs were produced for value {value_id!r}: its templates in "
+                         f"{cfg.seeds_file} give no distinct prompts; add slot items or templates")
+    if rejections:
+        counts: dict[str, int] = {}
+        for r in rejections:
+            counts[reason_kind(r["reason"])] = counts.get(reason_kind(r["reason"]), 0) + 1
+        listed = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        why = f"all {len(rejections)} items were rejected ({listed})"
+    else:
+        why = "the model returned no items"
+    return LivoError(f"no prompt pairs were produced for value {value_id!r}: {why}; "
+                     f"try another llm.model or prompt_source=template")
+
+
+def generate_pairs(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None, client: LLMClient | None = None
+                   ) -> tuple[list[PromptPair], list[dict]]:
+    """Prompt pairs for every value of a run (pairs_by_value), in value order; a value without pairs is a LivoError."""
+    results = pairs_by_value(cfg, values, cache_dir, client)
+    pairs: list[PromptPair] = []
+    rejections: list[dict] = []
+    for value in values:
+        got, bad = results[value.id]
+        rejections += bad
+        if not got:
+            raise no_pairs_error(cfg, value.id, bad)
+        pairs += got
     return pairs, rejections
+
+
+def pair_stats(pairs: list[PromptPair], rejections: list[dict], client: LLMClient | None = None) -> dict:
+    """What stats.md shows about one value's prompts: diversity, rejections by kind, the LLM's dialect and requests."""
+    from livo_core.diversity import diversity
+
+    counts: dict[str, int] = {}
+    for r in rejections:
+        counts[reason_kind(r["reason"])] = counts.get(reason_kind(r["reason"]), 0) + 1
+    return {"pairs": len(pairs), "source": pairs[0].source if pairs else None,
+            "diversity": diversity([p.prompt for p in pairs]), "rejected": dict(sorted(counts.items())),
+            **({"llm": client.report()} if client is not None else {})}
 
 
 # ---------------------------------------------------------------------- new principles from a policy

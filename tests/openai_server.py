@@ -24,6 +24,15 @@ It implements `POST /v1/chat/completions` in OpenAI's response format, so the re
         server.stop()                          # the server is down: connections are refused
                                                # (base_url stays valid to test "unreachable")
 
+Structured-output dialects, as the real servers answer them (`OpenAIServer(dialect=...)`):
+    "any"               every response_format is taken (the default)
+    "openai"            OpenAI, vLLM, llama-server, LM Studio, SGLang: json_schema and json_object; a `schema`
+                        inside json_object -> 400 "Unknown parameter: 'response_format.schema'"
+    "llama-cpp-python"  json_object with or without `schema`; json_schema -> 422 (FastAPI's literal_error)
+    "plain"             no response_format at all -> 400 naming response_format
+Load, for benchmarks: `latency_s` (every reply waits this long) and `capacity` (at most this many requests
+are served at once, the others wait), `max_in_flight` (the most requests seen at once).
+
 Queued replies are consumed in order, one per request, retries included. With an empty queue and no
 `default`, the server answers HTTP 400 "no scripted response left" (400 is not retried by the client).
 The server prints nothing and writes no file: received headers (the API key) live only in memory.
@@ -54,13 +63,15 @@ class _Scripted:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     logprobs: list[tuple[str, float]] | None = None
+    finish_reason: str = "stop"
     raw: bool = False   # send `content` as the whole HTTP body (not wrapped in a chat.completion)
 
 
-def completion(content: str, model: str = "test-model", logprobs: list[tuple[str, float]] | None = None) -> dict:
+def completion(content: str, model: str = "test-model", logprobs: list[tuple[str, float]] | None = None,
+               finish_reason: str = "stop") -> dict:
     """An OpenAI chat.completion object whose single choice says `content` (with the first token's
     top_logprobs when given, as vLLM and OpenAI send them for `logprobs=True, top_logprobs=N`)."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
     if logprobs:
         tops = [{"token": t, "logprob": lp, "bytes": None} for t, lp in logprobs]
         choice["logprobs"] = {"content": [{**tops[0], "top_logprobs": tops}]}
@@ -71,8 +82,30 @@ def completion(content: str, model: str = "test-model", logprobs: list[tuple[str
     }
 
 
+def refusal(dialect: str, fmt: dict | None) -> tuple[int, dict] | None:
+    """(status, body) with which a server of `dialect` refuses a request's response_format, or None."""
+    if fmt is None or dialect == "any":
+        return None
+    kind = fmt.get("type")
+    if dialect == "plain":
+        return 400, {"error": {"message": "response_format is not supported by this server", "type": "invalid_request_error"}}
+    if dialect == "openai" and kind == "json_object" and "schema" in fmt:
+        return 400, {"error": {"message": "Unknown parameter: 'response_format.schema'.", "type": "invalid_request_error",
+                               "param": "response_format.schema", "code": "unknown_parameter"}}
+    if dialect == "llama-cpp-python" and kind not in ("text", "json_object"):
+        return 422, {"detail": [{"type": "literal_error", "loc": ["body", "response_format", "type"],
+                                 "msg": "Input should be 'text' or 'json_object'", "input": kind,
+                                 "ctx": {"expected": "'text' or 'json_object'"}}]}
+    return None
+
+
 class OpenAIServer:
-    def __init__(self):
+    def __init__(self, dialect: str = "any", latency_s: float = 0.0, capacity: int | None = None):
+        self.dialect = dialect
+        self.latency_s = latency_s
+        self._capacity = threading.BoundedSemaphore(capacity) if capacity else None
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.requests: list[Received] = []
         self.default: Callable[[dict], dict | str] | None = None
         self._queue: deque[_Scripted] = deque()
@@ -83,10 +116,10 @@ class OpenAIServer:
         self.probes = 0   # GET /v1/models requests
 
     # ---------------------------------------------------------------- scripting
-    def reply(self, content: dict | list | str, delay_s: float = 0.0, logprobs=None) -> "OpenAIServer":
+    def reply(self, content: dict | list | str, delay_s: float = 0.0, logprobs=None, finish_reason: str = "stop") -> "OpenAIServer":
         text = content if isinstance(content, str) else json.dumps(content)
         with self._lock:
-            self._queue.append(_Scripted(200, text, delay_s, logprobs=logprobs))
+            self._queue.append(_Scripted(200, text, delay_s, logprobs=logprobs, finish_reason=finish_reason))
         return self
 
     def raw(self, body: str, status: int = 200) -> "OpenAIServer":
@@ -135,9 +168,29 @@ class OpenAIServer:
                     body = {}
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}))
+                refused = refusal(server.dialect, body.get("response_format"))
                 with server._lock:
                     server.requests.append(Received(body, {k.lower(): v for k, v in self.headers.items()}))
+                    if refused:
+                        return self._send(refused[0], json.dumps(refused[1]))
                     scripted = server._queue.popleft() if server._queue else None
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server._capacity is not None:
+                        server._capacity.acquire()
+                    try:
+                        if server.latency_s:
+                            time.sleep(server.latency_s)
+                        return self._answer(body, scripted)
+                    finally:
+                        if server._capacity is not None:
+                            server._capacity.release()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict, scripted):
                 if scripted is None and server.default is not None:
                     out = server.default(body)
                     out, logprobs = out if isinstance(out, tuple) else (out, None)
@@ -147,7 +200,8 @@ class OpenAIServer:
                 if scripted.delay_s:
                     time.sleep(scripted.delay_s)
                 if scripted.status == 200 and not scripted.raw:
-                    text = json.dumps(completion(scripted.content, body.get("model", "test-model"), scripted.logprobs))
+                    text = json.dumps(completion(scripted.content, body.get("model", "test-model"), scripted.logprobs,
+                                                 scripted.finish_reason))
                     return self._send(200, text)
                 return self._send(scripted.status, scripted.content, scripted.headers)
 
@@ -164,7 +218,10 @@ class OpenAIServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256   # many clients connecting at once (benchmarks) are queued, not refused
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -36,13 +36,16 @@ def test_items_parsed_and_malformed_items_dropped_with_reasons(openai_server, tm
         {"prompt": "a blood-soaked viking", "aligned_prompt": "a viking"},
     ]}) + "\n```")
     items, rejections = LLMClient(cfg_for(openai_server), tmp_path).chat_json(
-        "toxicity_pairs.txt", {"principle": "p", "concept": "blood", "keywords": "blood", "n": 4, "already": "-"},
+        "toxicity_pairs.txt", {"principle": "p", "concept": "blood", "keywords": "blood", "n": 4, "focus": "a forest, shown as a photograph"},
         Pair, "pairs")
     assert [i.prompt for i in items] == ["a bloody knight", "a blood-soaked viking"]
     assert [r["item"] for r in rejections] == [{"prompt": "a gory pirate"}, "just a string"]
     assert "aligned_prompt" in rejections[0]["reason"] and "not a JSON object" in rejections[1]["reason"]
     sent = openai_server.requests[0].body
-    assert sent["model"] == "test-model" and sent["response_format"] == {"type": "json_object"}
+    fmt = sent["response_format"]   # the reply's schema, in OpenAI's dialect (the loopback server takes every dialect)
+    assert sent["model"] == "test-model" and fmt["type"] == "json_schema" and sent["max_tokens"] == 2048
+    schema = fmt["json_schema"]["schema"]
+    assert schema["required"] == ["pairs"] and set(schema["properties"]["pairs"]["items"]["required"]) == {"prompt", "aligned_prompt"}
     assert "blood" in sent["messages"][-1]["content"] and "{{" not in sent["messages"][-1]["content"]
 
 

@@ -157,22 +157,26 @@ def test_llm_toxicity_pairs_are_validated_and_deduplicated(openai_server):
     reasons = [r["reason"] for r in rejections]
     assert len(reasons) == 4 and all(r["value_id"] == "bloody-inappropriate" for r in rejections)
     assert "invalid field 'prompt'" in reasons[0]
-    assert set(reasons[1:]) == {"duplicate prompt", "aligned prompt equals the prompt",
+    assert set(reasons[1:]) == {"near duplicate of r0q0i0 ('a bloody warrior in a forest')", "aligned prompt equals the prompt",
                                 "aligned prompt still names the concept ('blood')"}
     assert openai_server.count == 1
 
 
-def test_llm_asks_again_until_n_listing_prompts_it_has(openai_server):
-    openai_server.reply({"pairs": [{"prompt": "a zombie nurse", "aligned_prompt": "a nurse"}]})
-    openai_server.reply({"pairs": [{"prompt": "a zombie nurse", "aligned_prompt": "a nurse"},
+def test_llm_asks_for_what_is_missing_in_rounds_each_request_its_own_facet(openai_server):
+    openai_server.reply({"pairs": [{"prompt": "a zombie nurse", "aligned_prompt": "a nurse"}]})           # round 1: 2 requests
+    openai_server.reply({"pairs": [{"prompt": "A zombie nurse!", "aligned_prompt": "a nurse"},            # near duplicate
                                    {"prompt": "a zombie pilot", "aligned_prompt": "a pilot"}]})
-    openai_server.reply({"pairs": [{"prompt": "a zombie pilot", "aligned_prompt": "a pilot"}]})  # nothing new
-    pairs, rejections = llm_pairs(BY_ID["zombie-inappropriate"], 3, _client(openai_server, pairs_per_request=2))
+    openai_server.reply({"pairs": [{"prompt": "a zombie pilot", "aligned_prompt": "a pilot"}]})          # round 2: 2 requests,
+    openai_server.reply({"pairs": [{"prompt": "pilot, zombie", "aligned_prompt": "a pilot"}]})           #   nothing new: stop
+    pairs, rejections = llm_pairs(BY_ID["zombie-inappropriate"], 3, _client(openai_server, pairs_per_request=2, max_concurrency=1))
     assert [p.prompt for p in pairs] == ["a zombie nurse", "a zombie pilot"]
-    assert openai_server.count == 3       # stopped when a reply brought nothing new
+    assert openai_server.count == 4
+    assert [r["reason"].split(" (")[0] for r in rejections] == ["near duplicate of r0q0i0", "near duplicate of r0q1i1",
+                                                                 "near duplicate of r0q1i1"]
     asked = [r.body["messages"][-1]["content"] for r in openai_server.requests]
-    assert "- a zombie nurse" not in asked[0] and "- a zombie nurse" in asked[1] and "- a zombie pilot" in asked[2]
-    assert "Write 2 pairs" in asked[0] and "Write 1 pairs" in asked[2]
+    facets = [a.split("are set in ")[1].split(", each")[0] for a in asked]
+    assert len(set(facets)) == 4                        # every request its own slice of the space
+    assert "Write 2 pairs" in asked[0] and "Write 1 pairs" in asked[1] and "Write 2 pairs" in asked[2]
 
 
 def test_llm_bias_prompts_get_an_attribute_inserted(openai_server):
