@@ -15,6 +15,7 @@ knight", "A bloody knight.", "knight, bloody"); exact-string checks miss them an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -36,6 +37,7 @@ def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b)
 
 
+@functools.lru_cache(maxsize=1 << 16)   # a vocabulary repeats: hash each word once
 def _token_hashes(token: str) -> tuple[int, ...]:
     # 64 independent 32-bit hashes of a token: 4 blake2b digests of 64 bytes, personalised apart
     out: tuple[int, ...] = ()

@@ -75,9 +75,10 @@ def reply_schema(item_schema: type[BaseModel], key: str | None, max_items: int |
 
 
 def _names_response_format(e: openai.APIStatusError) -> bool:
-    """A refusal of the request's response_format (not of the model, key or messages)."""
+    """A refusal of the request's response_format (not of the model, key or messages). llama-cpp-python 0.3.36
+    answers its validation error with 422 under older FastAPI releases and with 500 under current ones."""
     text = f"{e.message} {e.body}".lower()
-    return e.status_code in (400, 422) and ("response_format" in text or "json_schema" in text)
+    return e.status_code in (400, 422, 500) and ("response_format" in text or "json_schema" in text)
 
 
 class LLMClient:
@@ -198,34 +199,48 @@ class LLMClient:
         return text, finish
 
     def _structured(self, messages: list[dict], schema: dict, **options):
-        """One request carrying `schema` in the endpoint's dialect; with `auto`, the first request finds the dialect
-        (the others wait for it): each dialect a 400/422 naming response_format refuses is dropped for good."""
-        if self.dialect is None:
+        """One request carrying `schema` in the endpoint's dialect. With `auto` and no dialect known yet, every
+        request in flight tries the preferred dialect not yet refused (no retries: a refusal, even as a 500, is
+        not worth asking again); a 400/422/500 naming response_format drops that dialect for good, the first
+        accepted one is remembered. Requests never wait for each other to find it."""
+        retries = self.cfg.max_retries - 1   # for a request whose probe failed for another reason
+        while self.dialect is None:
             with self._dialect_lock:
-                while self.dialect is None:
-                    dialect = next(d for d in DIALECTS if d not in self.refused)
-                    try:
-                        response = self._send(messages, dialect, schema, **options)
-                    except openai.APIStatusError as e:
-                        if dialect != "none" and _names_response_format(e):
+                dialect = self.dialect or next(d for d in DIALECTS if d not in self.refused)
+            try:
+                response = self._send(messages, dialect, schema, client=self._client.with_options(max_retries=0), **options)
+            except openai.APIStatusError as e:
+                if dialect != "none" and _names_response_format(e):
+                    with self._dialect_lock:
+                        if dialect not in self.refused and self.dialect is None:
                             log.warning("%s refused response_format %s (HTTP %d); trying the next dialect",
                                         self.endpoint, dialect, e.status_code)
                             self.refused.append(dialect)
-                            continue
-                        raise LivoError(self._failure(e)) from None
-                    except Exception as e:
-                        raise LivoError(self._failure(e)) from None
-                    self.dialect = dialect
-                    return self._check_reply(response)
+                    continue
+                if self.cfg.max_retries == 0 or not (e.status_code in (408, 409, 429) or e.status_code >= 500):
+                    raise LivoError(self._failure(e)) from None   # what the client would not retry either
+                break   # another failure: this dialect again, with the retries left (the probe was the first try)
+            except openai.APIConnectionError as e:
+                if self.cfg.max_retries == 0:
+                    raise LivoError(self._failure(e)) from None
+                break
+            except Exception as e:
+                raise LivoError(self._failure(e)) from None
+            with self._dialect_lock:
+                self.dialect = self.dialect or dialect
+            return self._check_reply(response)
+        else:
+            dialect, retries = self.dialect, None
         try:
-            return self._check_reply(self._send(messages, self.dialect, schema, **options))
+            client = None if retries is None else self._client.with_options(max_retries=retries)
+            return self._check_reply(self._send(messages, dialect, schema, client=client, **options))
         except Exception as e:
             raise LivoError(self._failure(e)) from None
 
-    def _send(self, messages: list[dict], dialect: str, schema: dict, **options):
+    def _send(self, messages: list[dict], dialect: str, schema: dict, client=None, **options):
         fmt = response_format(dialect, schema)
-        return self._client.chat.completions.create(model=self.model, messages=messages,
-                                                    **({"response_format": fmt} if fmt else {}), **options)
+        return (client or self._client).chat.completions.create(model=self.model, messages=messages,
+                                                                **({"response_format": fmt} if fmt else {}), **options)
 
     def _check_reply(self, response):
         if not hasattr(response, "choices"):   # a 200 whose body is not a chat completion (text, HTML, a proxy's page)

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite offline.
+# Set up (if needed) and run the tests offline.
+#   bash scripts/test.sh            the whole suite (CI): also builds the real LLM server once (scripts/llm_server.sh)
+#   bash scripts/test.sh ARGS...    pytest with ARGS (e.g. tests/test_llm.py -x); the LLM server tests run if built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export ORT_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1
+if [ $# -eq 0 ]; then
+  bash scripts/llm_server.sh >/dev/null     # ~4 min the first time; tests/test_llm_server.py must then run
+  export LIVO_REQUIRE_LLM_SERVER=1
+  set -- --durations=25
+fi
 .venv/bin/python -m pytest -q "$@"

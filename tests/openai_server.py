@@ -28,7 +28,9 @@ Structured-output dialects, as the real servers answer them (`OpenAIServer(diale
     "any"               every response_format is taken (the default)
     "openai"            OpenAI, vLLM, llama-server, LM Studio, SGLang: json_schema and json_object; a `schema`
                         inside json_object -> 400 "Unknown parameter: 'response_format.schema'"
-    "llama-cpp-python"  json_object with or without `schema`; json_schema -> 422 (FastAPI's literal_error)
+    "llama-cpp-python"  json_object with or without `schema`; json_schema -> 500 whose message is FastAPI's
+                        literal_error (llama-cpp-python 0.3.36 under FastAPI 0.165, as measured here)
+    "llama-cpp-python-422"  the same refused with 422 (its answer under older FastAPI releases)
     "plain"             no response_format at all -> 400 naming response_format
 Load, for benchmarks: `latency_s` (every reply waits this long) and `capacity` (at most this many requests
 are served at once, the others wait), `max_in_flight` (the most requests seen at once).
@@ -92,10 +94,14 @@ def refusal(dialect: str, fmt: dict | None) -> tuple[int, dict] | None:
     if dialect == "openai" and kind == "json_object" and "schema" in fmt:
         return 400, {"error": {"message": "Unknown parameter: 'response_format.schema'.", "type": "invalid_request_error",
                                "param": "response_format.schema", "code": "unknown_parameter"}}
-    if dialect == "llama-cpp-python" and kind not in ("text", "json_object"):
+    if dialect == "llama-cpp-python-422" and kind not in ("text", "json_object"):   # with FastAPI < 0.155
         return 422, {"detail": [{"type": "literal_error", "loc": ["body", "response_format", "type"],
                                  "msg": "Input should be 'text' or 'json_object'", "input": kind,
                                  "ctx": {"expected": "'text' or 'json_object'"}}]}
+    if dialect == "llama-cpp-python" and kind not in ("text", "json_object"):   # 0.3.36 with FastAPI 0.165, measured
+        msg = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': "
+               f"\"Input should be 'text' or 'json_object'\", 'input': '{kind}', 'ctx': {{'expected': \"'text' or 'json_object'\"}}}}")
+        return 500, {"error": {"message": msg, "type": "internal_server_error", "param": None, "code": None}}
     return None
 
 
