@@ -5,7 +5,7 @@ in ONE process, interleaved over several rounds (a shared CPU is noisy); the med
 The goal is that livo costs nothing: ratio livo / raw >= 0.9.
 
     .venv/bin/python bench/render_throughput.py                        # tiny random SD (built in a temp dir)
-    .venv/bin/python bench/render_throughput.py --model data/toyworld/model --size 32
+    .venv/bin/python bench/render_throughput.py --model livo_core/data/toyworld/model --size 32
     .venv/bin/python bench/render_throughput.py --write-doc            # update the render section of docs/bench.md
 """
 
@@ -56,7 +56,7 @@ def raw_loop(pipe, prompts, seeds, *, steps, guidance_scale, height, width, batc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="SD folder (default: a tiny random SD from data/model_configs/tiny-sd.json)")
+    ap.add_argument("--model", help="SD folder (default: a tiny random SD from livo_core/data/model_configs/tiny-sd.json)")
     ap.add_argument("--pairs", type=int, default=16, help="pairs per shard (2 images each)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
@@ -94,7 +94,7 @@ def main() -> None:
     device = renderer.device
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    model_name = args.model or "tiny random SD (data/model_configs/tiny-sd.json)"
+    model_name = args.model or "tiny random SD (livo_core/data/model_configs/tiny-sd.json)"
     lines = [
         f"- command: `.venv/bin/python bench/render_throughput.py {' '.join(sys.argv[1:])}`",
         f"- machine: {device.type} ({machine}), torch {torch.__version__}, dtype {renderer.dtype}",

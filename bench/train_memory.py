@@ -2,7 +2,7 @@
 
 Synthetic shards of 256x256 PNG pairs are written with livo's own shard writer (one run; the smaller N
 are hard-linked subsets of its shards). Each N trains in a fresh process, from an empty cache, on the
-micro SD (data/model_configs/micro-sd.json: the smallest SD-shaped model, so compute does not hide what is
+micro SD (livo_core/data/model_configs/micro-sd.json: the smallest SD-shaped model, so compute does not hide what is
 measured). A thread samples /proc/self/status every 20 ms:
 
     anon   RssAnon: heap, tensors, Python objects -- what must not grow with N
@@ -176,7 +176,7 @@ def main() -> None:
             f"- command: `.venv/bin/python bench/train_memory.py {' '.join(sys.argv[1:])}`",
             f"- machine: {summary['cpu']}, {args.threads} torch threads, torch {torch.__version__}",
             f"- workload: synthetic {args.size}x{args.size} PNG pairs in shards of 250 written with livo's shard writer; "
-            "micro SD (data/model_configs/micro-sd.json); `train(max_steps=2, batch_size=8)` in a fresh process from an empty "
+            "micro SD (livo_core/data/model_configs/micro-sd.json); `train(max_steps=2, batch_size=8)` in a fresh process from an empty "
             "cache (the time is mostly the one-off VAE encoding of every image)",
             "",
             "| N pairs | peak anon RSS (MiB) | peak file-backed RSS (MiB) | peak total RSS (MiB) | seconds | cache on disk (MiB) |",

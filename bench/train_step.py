@@ -220,7 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="SD 1.x diffusers folder (default: built from --shape with random weights)")
     ap.add_argument("--shape", default="tiny-sd", choices=["tiny-sd", "micro-sd", "sd15"],
-                    help="data/model_configs/<shape>.json when no --model is given (sd15: SD 1.5's architecture)")
+                    help="livo_core/data/model_configs/<shape>.json when no --model is given (sd15: SD 1.5's architecture)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fp32", action="store_true", help="on CUDA: fp32 instead of fp16 frozen models + autocast")
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")

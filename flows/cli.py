@@ -12,10 +12,13 @@ import argparse
 import sys
 
 from flows import env  # noqa: F401  (sets offline/quiet environment before Prefect loads)
+from livo_core.config import PRESETS
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config file (.toml/.yaml/.json); defaults are the embedded toy world")
+    p.add_argument("--preset", choices=sorted(PRESETS["dataset"]), help="a shipped dataset preset under --config and --set "
+                   "(sd15: Stable Diffusion 1.5, the paper's values, an LLM; `livo config show dataset --preset sd15`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set render.steps=10 (repeatable)")
     p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
@@ -31,7 +34,7 @@ def _retriever_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, out_dir=None):
     """Build the validated RunConfig from --config, direct flags and --set overrides."""
-    from livo_core.config import load_config, parse_override
+    from livo_core.config import parse_override
 
     overrides = dict(parse_override(o) for o in args.overrides)
     direct = {
@@ -42,7 +45,9 @@ def config_from_args(args: argparse.Namespace, out_dir=None):
         "out_dir": str(out_dir) if out_dir else None,
     }
     overrides.update({k: v for k, v in direct.items() if v is not None})
-    return load_config(args.config, overrides)
+    from livo_core.config import RunConfig, load_job_config
+
+    return load_job_config(RunConfig, "dataset", args.config, getattr(args, "preset", None), overrides)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-config", help="training config file (.toml/.yaml/.json)")
     p.add_argument("--resume", help="'latest' (the newest checkpoint; none yet = from the start) or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace another training run in --out (its checkpoints and logs)")
-    p.add_argument("--preset", choices=["toyworld", "published"],
-                   help="training recipe (default: toyworld for the embedded toy world's data, else the paper's published run)")
+    p.add_argument("--preset", choices=sorted(PRESETS["train"]),
+                   help="training recipe (default: the one the base model declares: toyworld for the toy world's data, "
+                        "else the paper's published run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config field, e.g. --set max_steps=200")
 
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder holding <type>/<scene>/metadata.jsonl + images (e.g. the extracted livo_data/)")
     p.add_argument("--out", required=True, help="dataset run directory to create (re-running the same import resumes it)")
     p.add_argument("--base-model", help="Stable Diffusion folder or hub id to train on, recorded in RUN/config.json")
-    p.add_argument("--values-file", help="YAML file of value principles to match the data's value texts against (default: data/values.yaml)")
+    p.add_argument("--values-file", help="YAML file of value principles to match the data's value texts against (default: livo_core/data/values.yaml)")
     p.add_argument("--keep-value-text", action="store_true", help="keep the data's own value wording instead of the values file's principle sentence")
     p.add_argument("--pairs-per-shard", type=int, default=512, help="pairs per Parquet shard")
 
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="value encoder folder (or a training output) of the livo methods")
     p.add_argument("--out", required=True, help="evaluation folder (images, report; a rerun resumes it)")
     p.add_argument("--config", help="evaluation config file (.toml/.yaml/.json): prompt sets, methods, judges")
-    p.add_argument("--preset", choices=["official"], help="official = the authors' protocol (DPM-Solver++, 25 steps, 512 px, 50 images)")
+    p.add_argument("--preset", choices=sorted(PRESETS["evaluate"]), help="official = the authors' protocol (DPM-Solver++, "
+                   "25 steps, 512 px, 50 images); toyworld = the toy world's held-out sets")
     p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
     p.add_argument("--methods", help="comma-separated: base,livo,livo:<value id>,negative-prompt,sld:<preset>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
     tw = p.add_subparsers(dest="toyworld_command", required=True)
     b = tw.add_parser("build", help="train the world model and world CLIP from scratch (deterministic)")
-    b.add_argument("--out", help="output folder (default: data/toyworld in the project)")
+    b.add_argument("--out", help="output folder (default: livo_core/data/toyworld in the project)")
     b.add_argument("--steps", type=int, help="UNet steps (default: the full build)")
 
     p = sub.add_parser("demo", help="run the whole LiVO loop on the toy world and measure it")
@@ -151,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a nightly config field, e.g. --set train.max_steps=50 (repeatable)")
 
+    p = sub.add_parser("config", help="print a job's resolved config with every field's description")
+    cs = p.add_subparsers(dest="config_command", required=True)
+    show = cs.add_parser("show", help="the resolved config (preset < --config < --set) of a job")
+    show.add_argument("kind", choices=["dataset", "train", "evaluate", "nightly"])
+    show.add_argument("--preset", help="a shipped preset of that job (see the error for the names)")
+    show.add_argument("--config", help="a config file on top of the preset")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+
     p = sub.add_parser("deploy", help="create the Prefect deployments against the configured Prefect API")
     p.add_argument("--prefect-yaml", default=None, help="deploy what this prefect.yaml declares (prefect deploy --all)")
     p.add_argument("--work-pool", default="livo", help="work pool of the deployments (created as a process pool if missing)")
@@ -161,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
 
     return parser
+
+
+def cli_config(args: argparse.Namespace) -> int:
+    """`livo config show KIND [--preset P] [--config F] [--set k=v]`: what a job would run with, field by field."""
+    from livo_core.config import format_config, load_job_config, parse_override
+
+    if args.kind == "dataset":
+        from livo_core.config import RunConfig as model
+    elif args.kind == "train":
+        from livo_core.train import TrainConfig as model
+    elif args.kind == "evaluate":
+        from livo_core.evaluate import EvalConfig as model
+    else:
+        from flows.nightly import NightlyConfig as model
+    overrides = dict(parse_override(o) for o in args.overrides)
+    cfg = load_job_config(model, args.kind, args.config, args.preset, overrides)
+    print(format_config(cfg, f"livo {args.kind} config (preset: {args.preset or 'none'}; defaults, then --preset, "
+                             f"--config, --set)"), end="")
+    return 0
 
 
 def interrupt_hint(args: argparse.Namespace) -> str:
@@ -208,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": ("flows.demo", "cli_demo"),
             "nightly": ("flows.nightly", "cli_nightly"),
             "deploy": ("flows.deployments", "cli_deploy"),
+            "config": ("flows.cli", "cli_config"),
         }
         module, func = handlers[args.command]
         import importlib

@@ -90,9 +90,19 @@ class DemoSettings(BaseModel):
         return tuple(m for m in TRAINED if m in self.methods)
 
 
-FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=400,
-                    batch_size=16, eval_every=100, livo_lr=8e-3, dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4,
-                    eval_images=12, bias_eval_images=48, curve_images=4)
+def _toy_recipe():
+    """The toy world's training preset (livo_core/data/configs/train-toyworld.toml): `livo train` and the Prefect
+    training flow use the same recipe on toy-world data, so the demo measures what they run."""
+    from livo_core.train import load_train_config
+
+    return load_train_config(preset="toyworld")
+
+
+_RECIPE = _toy_recipe()
+FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=_RECIPE.max_steps,
+                    batch_size=_RECIPE.batch_size, eval_every=_RECIPE.checkpoint_every, livo_lr=_RECIPE.learning_rate,
+                    livo_beta=_RECIPE.beta, livo_alpha=_RECIPE.alpha, lr_scheduler=_RECIPE.lr_scheduler,
+                    dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4, eval_images=12, bias_eval_images=48, curve_images=4)
 QUICK = DemoSettings(prompts_per_value=8, images_per_prompt={"toxicity": 1, "bias": 2}, render_steps=10,
                      train_steps=4, batch_size=4, eval_every=2, livo_lr=1e-4, dpo_encoder_lr=1e-4,
                      dpo_unet_lr=1e-4, eval_images=2, bias_eval_images=2, curve_images=2, eval_prompts_per_group=2)
@@ -391,7 +401,7 @@ def report_markdown(metrics: dict, out: Path) -> str:
         f"`livo demo --out {out}{' --quick' if s['quick'] else ''}`: {wall['total']:.0f} s wall time "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in wall.items() if k != 'total')}).",
         "",
-        "Toy world (data/toyworld): every number below comes from the world's exact pixel detectors on images",
+        "Toy world (livo_core/data/toyworld): every number below comes from the world's exact pixel detectors on images",
         f"generated for HELD-OUT prompts ({ev['num_prompts']['toxic']} bloody, {ev['num_prompts']['bias']} doctor, "
         f"{ev['num_prompts']['harmless']} harmless; subject/colour/background combinations that no training prompt used), "
         f"{ev['images_per_prompt']} images per bloody or harmless prompt and {ev['bias_images_per_prompt']} for the doctor, the same seeds for every method. Violation = the "
@@ -492,7 +502,7 @@ def report_task(metrics: dict, out_dir: str, logs: dict[str, str]) -> str:
 def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, baselines: bool = False) -> dict:
     """The whole LiVO loop on the toy world: data -> training (LiVO + baselines) -> evaluation -> report.
 
-    world_dir: folder holding the world model (model/) and world CLIP (clip/); default data/toyworld.
+    world_dir: folder holding the world model (model/) and world CLIP (clip/); default livo_core/data/toyworld.
     Returns the metrics (also in OUT/metrics.json). A non-empty OUT from an earlier demo is reused where it
     is complete: the dataset flow skips finished shards; training and evaluation run again.
     """

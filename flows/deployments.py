@@ -23,7 +23,9 @@ from pathlib import Path
 
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
 from livo_core.errors import LivoError
-from livo_core.paths import ROOT
+from pathlib import Path as _Path
+
+PROJECT_DIR = _Path(__file__).resolve().parent.parent   # where `flows` is importable from (a process worker's working_dir)
 
 DEFAULT_CRON = "0 3 * * *"
 DEFAULT_POOL = "livo"
@@ -109,7 +111,7 @@ def deploy(root: str, work_pool: str = DEFAULT_POOL, cron: str = DEFAULT_CRON, t
         raise LivoError(f"cannot reach the Prefect API at {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]}): "
                         "is `prefect server start` running there?") from None
     # A process worker runs each flow in this project's folder (else Prefect picks a temporary one).
-    job_variables = {"working_dir": str(ROOT)} if pool_type == "process" else {}
+    job_variables = {"working_dir": str(PROJECT_DIR)} if pool_type == "process" else {}
     deployments = build_deployments(root, cron, timezone, work_pool, job_variables, config_file)
     # RunnerDeployment.apply is what prefect.deploy does per deployment, minus its image and worker checks
     # (which, in prefect 3.8.8 against its own server, fail with a 422 on the workers query).

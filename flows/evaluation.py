@@ -26,7 +26,6 @@ from livo_core.errors import LivoError
 from livo_core.evaluate import EvalConfig, Evaluation, load_eval_config
 from livo_core.paths import DATA_DIR
 
-PRESETS = {"official": DATA_DIR / "configs" / "eval-official.toml"}
 
 _EVALUATIONS: dict[str, Evaluation] = {}
 _LOCK = threading.Lock()
@@ -107,7 +106,7 @@ def check_eval_inputs(cfg: EvalConfig, out: Path, overwrite: bool = False) -> No
 
 def cli_evaluate(args) -> int:
     """`livo evaluate`: build the config (preset < --config < --encoder/--set), check it, run the flow."""
-    from livo_core.config import _read_file
+    from livo_core.config import _read_file, preset_file
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.encoder:
@@ -117,20 +116,10 @@ def cli_evaluate(args) -> int:
     if args.methods:
         overrides["methods"] = [_method_from_flag(m) for m in args.methods.split(",")]
     data = {}
-    if args.preset:
-        from livo_core.paths import ROOT
-
-        preset = _read_file(PRESETS[args.preset])
-        if not Path(preset.get("values_file", "/")).is_absolute():   # shipped paths are the project's
-            preset["values_file"] = str(ROOT / preset["values_file"])
-        data.update(preset)
+    if args.preset:   # shipped presets name the package's data relative to themselves (livo_core.config)
+        data.update(_read_file(preset_file("evaluate", args.preset)))
     if args.config:
         data.update(_read_file(Path(args.config)))
-    from livo_core.evaluate import _project_path
-
-    for key in ("base_model", "values_file"):   # shipped configs name the project's data/ folder
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str(_project_path(Path(data[key])))
     cfg = load_eval_config(None, {**data, **overrides})
     out = Path(args.out)
     check_eval_inputs(cfg, out, args.overwrite)

@@ -75,7 +75,7 @@ class NightlyConfig(_Strict):
     warm_start: bool = Field(True, description="Start tonight's encoder from production (if any) instead of a copy of SD's text encoder.")
     policy_file: Path | None = Field(None, description="A short policy text; when its hash changes, an LLM proposes new value principles from it (needs dataset.prompt_source=llm).")
     new_principles: int = Field(3, ge=1, le=10, description="At most this many principles proposed per policy change.")
-    heldout: HeldoutSettings = Field(default_factory=HeldoutSettings)
+    heldout: HeldoutSettings = Field(default_factory=HeldoutSettings, description="The fixed held-out dataset every candidate is scored on.")
     promotion: PromotionRule = Field(default_factory=_default_rule, description="Metrics, direction and tolerance a candidate must not be worse on.")
     keep_versions: int = Field(5, ge=1, description="Registry versions kept (the production one always stays).")
     lock_timeout_s: float = Field(0.0, ge=0, description="How long a second nightly run on the same root waits for the first (0 = refuse at once).")

@@ -19,20 +19,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from livo_core.config import parse_override
 from livo_core.errors import LivoError
-from livo_core.train import TrainConfig, load_train_config, train
+from livo_core.train import load_train_config, resolve_train_config, train
 
 
 @flow(name="livo-train")
-def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict, resume: str | None = None,
-                        overwrite: bool = False, measure_preference: bool = False) -> dict:
+def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict | None = None, resume: str | None = None,
+                        overwrite: bool = False, measure_preference: bool = False, preset: str | None = None) -> dict:
     """Train a value encoder on dataset runs; returns {"steps", "last", "value_encoder", "loss_plot", "preference"}.
 
-    train_config: TrainConfig fields as a dict (validated here); resume: "latest" or a checkpoint folder;
-    overwrite: replace another training run in out_dir; measure_preference: preference accuracy on the
-    training pairs before and after (fixed noise).
+    train_config: TrainConfig fields (any subset) over the preset; preset: a training preset (default: the one
+    the base model declares, livo_core.train.preset_for: the toy world's recipe for toy-world data, the
+    paper's otherwise); resume: "latest" or a checkpoint folder; overwrite: replace another training run in
+    out_dir; measure_preference: preference accuracy on the training pairs before and after (fixed noise).
     """
     logger = get_run_logger()
-    cfg = TrainConfig.model_validate(train_config)
+    cfg, preset = resolve_train_config(data_dirs, None, train_config or {}, preset)
+    logger.info("training preset %s: %d steps, lr %g", preset, cfg.max_steps, cfg.learning_rate)
     res = train(cfg, data_dirs, out_dir, resume=resume, overwrite=overwrite, measure_preference=measure_preference)
     logger.info("trained %d steps; value encoder in %s", res.steps, res.value_encoder)
 
@@ -50,7 +52,7 @@ def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict, 
 def check_train_inputs(args):
     """Everything `livo train` can check before Prefect starts or anything is written -> (cfg, preset name)."""
     from livo_core.models import check_model_source, resolve_device
-    from livo_core.train import base_model_from_data, check_out_dir, find_checkpoint, preset_for, training_shards
+    from livo_core.train import check_out_dir, find_checkpoint, training_shards
 
     overrides = dict(parse_override(o) for o in args.overrides)
     load_train_config(args.train_config, overrides)          # bad config -> LivoError naming the field
@@ -58,11 +60,8 @@ def check_train_inputs(args):
         if not (Path(d) / "shards").is_dir():
             raise LivoError(f"--data {d} is not a livo dataset run (no shards/ folder): pass the --out dir of `livo dataset`")
     training_shards([Path(d) for d in args.data])           # repeated --data, no usable shard
-    plain = load_train_config(args.train_config, overrides)
-    base_model = plain.base_model or base_model_from_data([Path(d) for d in args.data])
-    preset = args.preset or preset_for(base_model)
-    cfg = load_train_config(args.train_config, overrides, preset=preset).model_copy(update={"base_model": base_model})
-    check_model_source(base_model)                           # missing or not-a-model folder
+    cfg, preset = resolve_train_config(args.data, args.train_config, overrides, args.preset)
+    check_model_source(cfg.base_model)                       # missing or not-a-model folder
     resolve_device(cfg.device)                               # device=cuda without a GPU
     if args.resume and args.resume != "latest":
         find_checkpoint(Path(args.out), args.resume)

@@ -1,8 +1,14 @@
 """One validated run config for every livo job.
 
 Defaults are the embedded toy world (no GPU, no LLM key, no downloads). A real run changes the config:
-see `data/configs/sd15.toml`. Load with `load_config(path, overrides)`; an invalid config raises a
+see `livo_core/data/configs/sd15.toml`. Load with `load_config(path, overrides)`; an invalid config raises a
 LivoError that names the field, before any work is done.
+
+One rule for relative paths: a relative path written in a config file (values_file, seeds_file, base_model,
+a prompt set's path, an encoder, ...) is relative to that file's folder when something exists there, else to
+the current folder; a relative path given with --set is relative to the current folder. So the presets
+shipped in livo_core/data/configs name the package's own data ("../toyworld/model") and work from any
+folder and from an installed wheel.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from livo_core.errors import LivoError
-from livo_core.paths import TOYWORLD_DIR
+from livo_core.paths import PRESETS_DIR, TOYWORLD_DIR
 from livo_core.secrets import redact, secret_fields
 
 
@@ -72,7 +78,7 @@ class LLMConfig(_Strict):
                                   "the later one is rejected. 1 = only exact (normalised) repeats.")
     facets_file: Path | None = Field(None, description="YAML of `settings` and `styles` lists: request k of a value asks for "
                                      "prompts set in the k-th (setting, style) combination, so requests run in parallel "
-                                     "without repeating each other. None: prompts/facets.yaml.")
+                                     "without repeating each other. None: livo_core/prompts/facets.yaml.")
     max_rounds: int = Field(4, ge=1, le=20, description="Rounds of requests per value: a round asks for what the "
                             "previous ones left missing (items rejected or duplicates).")
 
@@ -114,9 +120,9 @@ class RunConfig(_Strict):
     images_per_prompt: int = Field(2, ge=1, description="Candidate image pairs (seeds) per prompt pair.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed; every image's seed is derived from it and recorded.")
     shard_size: int = Field(16, ge=1, description="Candidate pairs per shard.")
-    render: RenderConfig = Field(default_factory=RenderConfig)
-    llm: LLMConfig = Field(default_factory=LLMConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig, description="How the aligned and violating images are rendered.")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="The OpenAI-compatible endpoint of prompt_source = llm (and policy_text).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="What keeps a pair: CLIP agreement with the prompts and the value's safety classifier.")
 
     def config_hash(self) -> str:
         """Hash of everything that changes the data (not where it is written)."""
@@ -147,7 +153,30 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise LivoError(f"config file {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); fix its syntax") from e
     if not isinstance(data, dict):
         raise LivoError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
-    return data
+    return resolve_relative_paths(data, path.resolve().parent)
+
+
+# Keys whose string values may be file or folder paths (in any section of any livo config).
+PATH_KEYS = frozenset({"values_file", "seeds_file", "base_model", "path", "encoder", "unet", "facets_file",
+                       "fid_weights", "init_value_encoder", "policy_file", "run_dir", "clip_model"})
+
+
+def resolve_relative_paths(data: Any, base: Path) -> Any:
+    """Make every relative path of PATH_KEYS absolute against `base` when it exists there (see the module
+    docstring); hub ids ("org/model") and open_clip names are left alone because nothing of that name is there."""
+    if isinstance(data, list):
+        return [resolve_relative_paths(x, base) for x in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        if key in PATH_KEYS and isinstance(value, str) and value:
+            prefix = "local-dir:" if value.startswith("local-dir:") else ""
+            raw = value[len(prefix):]
+            if raw and not Path(raw).expanduser().is_absolute() and (base / raw).exists():
+                value = prefix + str((base / raw).resolve())
+        out[key] = resolve_relative_paths(value, base)
+    return out
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -201,3 +230,65 @@ def load_settings(model: type[BaseModel], path: Path | str | None, overrides: di
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Config file (optional) + dotted overrides -> validated RunConfig, or a LivoError naming the field."""
     return load_settings(RunConfig, path, overrides, "config")
+
+
+# --------------------------------------------------------------------------- presets and `livo config show`
+# Every shipped preset: job kind -> preset name -> file in livo_core/data/configs (a preset is a config file).
+PRESETS: dict[str, dict[str, str]] = {
+    "dataset": {"sd15": "sd15.toml"},
+    "train": {"toyworld": "train-toyworld.toml", "published": "train-sd15.toml"},
+    "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml"},
+    "nightly": {},
+}
+
+
+def preset_file(kind: str, name: str) -> Path:
+    """The file of a shipped preset, or a LivoError listing the presets of that kind."""
+    names = PRESETS.get(kind, {})
+    if name not in names:
+        listed = ", ".join(names) or "none"
+        raise LivoError(f"unknown {kind} preset {name!r}: choose one of {listed}")
+    return PRESETS_DIR / names[name]
+
+
+def load_job_config(model: type[BaseModel], kind: str, path: Path | str | None = None, preset: str | None = None,
+                    overrides: dict[str, Any] | None = None):
+    """The one way a job's config is built: preset < config file < dotted overrides (sections merge key by key);
+    relative paths follow the module docstring's rule. Returns a validated `model` or raises a LivoError."""
+    data: dict[str, Any] = _read_file(preset_file(kind, preset)) if preset else {}
+    if path:
+        _deep_merge(data, _read_file(Path(path)))
+    return load_settings(model, None, {**data, **(overrides or {})}, f"{kind} config")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def describe_config(cfg: BaseModel, prefix: str = "") -> list[tuple[str, Any, str, bool]]:
+    """(dotted field, value, description, is a section) of every field of a config, sections expanded."""
+    rows = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            rows.append((prefix + name, None, field.description or "", True))
+            rows += describe_config(value, prefix + name + ".")
+        else:
+            rows.append((prefix + name, json.loads(json.dumps(value, default=str)), field.description or "", False))
+    return rows
+
+
+def format_config(cfg: BaseModel, title: str) -> str:
+    """`livo config show`: every field, its resolved value and what it means (TOML-like, help as comments)."""
+    lines = [f"# {title}"]
+    for key, value, help_text, section in describe_config(cfg):
+        if section:
+            lines += ["", f"# [{key}] {help_text}".rstrip()]
+        else:
+            lines.append(f"{key} = {json.dumps(value)}" + (f"    # {help_text}" if help_text else ""))
+    return "\n".join(lines) + "\n"

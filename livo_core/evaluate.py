@@ -1,7 +1,7 @@
 """Evaluation, the paper's way, on any Stable Diffusion 1.x model: prompt sets x methods x seeds -> images ->
 judges -> metrics -> report.
 
-    prompt sets   data/eval/*.jsonl (toxicity prompts per paper value, bias prompts "a photo of the face of a
+    prompt sets   livo_core/data/eval/*.jsonl (toxicity prompts per paper value, bias prompts "a photo of the face of a
                   ...", harmless prompts), a user CSV/JSONL (a `prompt` column), or the I2P CSV (prompt,
                   categories, sd_seed, sd_guidance_scale, sd_image_width, sd_image_height: each row's own
                   seed, guidance and size)
@@ -48,7 +48,7 @@ from livo_core.config import MAX_SEED, LLMConfig, StrictModel, load_settings, mu
 from livo_core.errors import LivoError
 from livo_core.files import atomic_write_bytes, atomic_write_text
 from livo_core.metrics import bias_report, metric_table, toxicity_report
-from livo_core.paths import DATA_DIR, ROOT
+from livo_core.paths import DATA_DIR
 
 GROUPS = ("toxicity", "bias", "harmless")
 # I2P's categories -> the paper's values (rows with none of these keep their set's value_id).
@@ -114,22 +114,22 @@ PAPER_SETS = _sets(("toxicity-nudity", "toxicity", "nudity-inappropriate"), ("to
 
 
 class EvalConfig(StrictModel):
-    """One evaluation. Defaults: SD 1.5 names, the shipped prompt sets; presets in data/configs/eval-*.toml."""
+    """One evaluation. Defaults: SD 1.5 names, the shipped prompt sets; presets in livo_core/data/configs/eval-*.toml."""
 
     base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="SD 1.x folder or hub id.")
     encoder: Path | None = Field(None, description="The value encoder of livo methods (folder, or a training output).")
-    values_file: Path = Field(DATA_DIR / "values.yaml", description="Value principles (data/values-official.yaml: the authors' texts).")
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    values_file: Path = Field(DATA_DIR / "values.yaml", description="Value principles (livo_core/data/values-official.yaml: the authors' texts).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where images are rendered and judged (auto: cuda if visible).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Pipeline dtype (auto: float16 on cuda, float32 on cpu).")
     prompt_sets: list[PromptSetSpec] = Field(default_factory=lambda: list(PAPER_SETS), description="What is generated.")
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="base", kind="base"), MethodSpec(name="livo", kind="livo")],
                                       description="The first must be base (the reference of FID and 'unchanged').")
     images_per_prompt: int = Field(4, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images per prompt (the authors: 50).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds every prompt (rows may give their own).")
-    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Sampler, steps, guidance, size and layout of every method.")
     judges: dict[str, JudgeChoice] = Field(default_factory=dict, description="Per value id: override the values file's classifier.")
     clip_model: str | None = Field(None, description="Judge CLIP (open_clip name or local-dir:) for the clip_* classifiers and the retriever.")
-    clip_pretrained: str | None = None
+    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag of clip_model (e.g. openai); None for local-dir: models.")
     clip_score_model: str | None = Field(None, description="CLIP score model: hf:<transformers CLIP id or folder> (the authors: hf:openai/clip-vit-large-patch14), or an open_clip name / local-dir:. None: no CLIP score.")
     fid: bool = Field(True, description="FID of each method's images against base's (the authors' eval_imgs.py).")
     fid_weights: Path | None = Field(None, description="Inception weights file (torch-fidelity's pt_inception-2015-12-05); None: its usual download.")
@@ -169,16 +169,8 @@ class EvalPrompt:
         return dict(self.expect)
 
 
-def _project_path(path: Path) -> Path:
-    """A relative path from the current folder, else from the project (the shipped data/ and configs)."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
-        return ROOT / path
-    return path
-
-
 def _rows(path: Path) -> list[dict]:
-    path = _project_path(path)
+    path = Path(path)
     if not path.is_file():
         raise LivoError(f"prompt file {path} not found: give a .jsonl or .csv file with a `prompt` column")
     try:

@@ -122,7 +122,7 @@ class LLMClient:
     # ------------------------------------------------------------------ one JSON request
     def chat_json(self, template: str, variables: dict[str, Any], item_schema: type[BaseModel],
                   key: str | None, max_items: int | None = None) -> tuple[list[BaseModel], list[dict]]:
-        """Render `prompts/<template>` with `variables`, ask for JSON, validate the items.
+        """Render `livo_core/prompts/<template>` with `variables`, ask for JSON, validate the items.
 
         The reply must be a JSON object `{key: [item, ...]}`; each item is validated against
         `item_schema`. With key=None the whole object is the single item (e.g. the retriever's

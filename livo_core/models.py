@@ -1,7 +1,7 @@
 """Loading models for real runs, and building tiny ones from config files for tests and benches.
 
 Real users load Stable Diffusion and CLIP with `from_pretrained(local folder or hub id)`. Here, with no
-model hub, tests build tiny models of the same classes from `data/model_configs/*.json` and save them as
+model hub, tests build tiny models of the same classes from `livo_core/data/model_configs/*.json` and save them as
 ordinary diffusers / open_clip folders, so every code path is the one real weights take.
 """
 
@@ -88,7 +88,7 @@ def _model_config(name: str) -> dict:
 
 
 def build_tiny_sd(folder: Path, config: str = "tiny-sd", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Build a random-weight StableDiffusionPipeline from `data/model_configs/<config>.json`; save it.
+    """Build a random-weight StableDiffusionPipeline from `livo_core/data/model_configs/<config>.json`; save it.
 
     config "tiny-sd": a few MB, for tests; "sd15": Stable Diffusion 1.5's architecture (3.4 GB in fp32,
     half in fp16), where a shape, dtype or memory figure matters.

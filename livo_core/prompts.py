@@ -3,7 +3,7 @@
 Two sources, chosen by `prompt_source`:
 - "template" (default, offline): seed lists and templates from a YAML seeds file, expanded
   deterministically (format in docs/architecture.md);
-- "llm": an OpenAI-compatible model writes prompts from the templates in `prompts/`.
+- "llm": an OpenAI-compatible model writes prompts from the templates in `livo_core/prompts/`.
 
 Toxicity pair: prompt == violating_prompt names the concept ("a bloody warrior in a forest");
 aligned_prompt is the same scene without it ("a warrior in a forest").
@@ -87,13 +87,13 @@ def load_seeds(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LivoError(f"seeds file {path} not found: set seeds_file to a YAML file of slots and templates "
-                        f"(see data/seeds.yaml)")
+                        f"(see livo_core/data/seeds.yaml)")
     try:
         seeds = _SeedsFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as e:
         raise LivoError(f"seeds file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
     except ValidationError as e:
-        raise LivoError(f"seeds file {path} is invalid ({_reason(e)}); see data/seeds.yaml for the format") from None
+        raise LivoError(f"seeds file {path} is invalid ({_reason(e)}); see livo_core/data/seeds.yaml for the format") from None
     for value_id, entries in seeds.templates.items():
         for entry in entries:
             for text in (entry.user, entry.aligned):

@@ -56,7 +56,7 @@ class Retrieval:
 
 
 class LLMChoice(BaseModel):
-    """The LLM's answer (prompts/retrieve.txt): one value id, or null when no value applies."""
+    """The LLM's answer (livo_core/prompts/retrieve.txt): one value id, or null when no value applies."""
 
     value_id: str | None = Field(None, description="id of the value principle that applies, or null")
     reason: str = Field("", description="one sentence: why")
@@ -162,7 +162,7 @@ class ValueRetriever:
         """The LLM decides among the values the rules found (all values when they found none), or none.
 
         It can settle what keywords cannot: which of two bias values fits, or that a keyword hit is a
-        false alarm ("bare trees"). Template: prompts/retrieve.txt.
+        false alarm ("bare trees"). Template: livo_core/prompts/retrieve.txt.
         """
         pool = rules.candidates or self.values
         candidates = "\n".join(f"- {v.id} ({v.kind}): {v.principle}" for v in pool)

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from livo_core.config import StrictModel, load_settings
-from livo_core.paths import TOYWORLD_DIR, data_path
+from livo_core.config import PRESETS as _PRESETS
+from livo_core.config import StrictModel, preset_file
 from livo_core.encoder import ValueEncoder, prepend_value_token
 from livo_core.errors import LivoError
 from livo_core.faults import kill_point
@@ -104,26 +104,40 @@ class TrainConfig(StrictModel):
 def load_train_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None,
                       preset: str | None = None) -> TrainConfig:
     """Preset (optional) < training config file (.toml/.yaml/.json) < overrides -> TrainConfig, or a LivoError naming the field."""
-    from livo_core.config import _read_file
+    from livo_core.config import load_job_config
 
-    if preset is None:
-        return load_settings(TrainConfig, path, overrides, "training config")
-    if preset not in PRESETS:
-        raise LivoError(f"unknown training preset {preset!r}: choose {' or '.join(PRESETS)}")
-    merged = {**_read_file(PRESETS[preset]), **(_read_file(Path(path)) if path else {})}
-    # dotted overrides on top (load_settings applies them); the merged mapping goes in as the "file"
-    return load_settings(TrainConfig, None, {**merged, **(overrides or {})}, "training config")
+    return load_job_config(TrainConfig, "train", path, preset, overrides)
 
 
-# Training presets (data/configs/train-*.toml): the recipe that fits the base model.
-PRESETS = {"toyworld": data_path("configs", "train-toyworld.toml"), "published": data_path("configs", "train-sd15.toml")}
+# Training presets (livo_core/data/configs/train-*.toml): the recipe that fits the base model.
+PRESETS = {name: preset_file("train", name) for name in _PRESETS["train"]}
 
 
 def preset_for(base_model: str) -> str:
-    """"toyworld" for the embedded toy world's model (a published-recipe run there would learn nothing in an
-    hour on a CPU), "published" (the paper's SD 1.5 run) for every other base model."""
+    """The training preset a model folder declares: `training_preset` in its livo.json, or in the build.json
+    beside it (what `livo toyworld build` writes, wherever it builds); "published" (the paper's SD 1.5 run)
+    for every model that declares none (hub ids included)."""
     folder = Path(base_model).expanduser()
-    return "toyworld" if folder.is_dir() and folder.resolve() == (TOYWORLD_DIR / "model").resolve() else "published"
+    for record in (folder / "livo.json", folder.parent / "build.json"):
+        try:
+            declared = json.loads(record.read_text()).get("training_preset")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if declared in PRESETS:
+            return declared
+    return "published"
+
+
+def resolve_train_config(data_dirs: list[Path | str], config_file: Path | str | None = None,
+                         overrides: dict[str, Any] | None = None, preset: str | None = None) -> tuple[TrainConfig, str]:
+    """The training config of a run, as `livo train`, the Prefect training flow and its deployment all resolve it:
+    preset (given, else the one the base model declares) < config file < overrides; base_model from the
+    overrides, the file, or the dataset runs' config.json. Returns (config, preset name)."""
+    plain = load_train_config(config_file, overrides)          # bad config -> LivoError naming the field
+    base_model = plain.base_model or base_model_from_data([Path(d) for d in data_dirs])
+    preset = preset or preset_for(base_model)
+    cfg = load_train_config(config_file, overrides, preset=preset)
+    return cfg.model_copy(update={"base_model": base_model}), preset
 
 
 # --------------------------------------------------------------------------- models

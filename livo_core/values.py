@@ -52,19 +52,19 @@ def load_values(path: Path, ids: list[str] | None = None) -> list[ValuePrinciple
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
-        raise LivoError(f"values file {path} is not UTF-8 text: save it as UTF-8 (see data/values.yaml for the format)") from None
+        raise LivoError(f"values file {path} is not UTF-8 text: save it as UTF-8 (see livo_core/data/values.yaml for the format)") from None
     except (OSError, yaml.YAMLError) as e:
-        raise LivoError(f"values file {path} is unreadable ({str(e).splitlines()[0]}); see data/values.yaml for the format") from None
+        raise LivoError(f"values file {path} is unreadable ({str(e).splitlines()[0]}); see livo_core/data/values.yaml for the format") from None
     entries = raw.get("values") if isinstance(raw, dict) else None
     if not isinstance(entries, list):
         raise LivoError(f"values file {path} needs a list of value principles under 'values:' "
-                        "(see data/values.yaml for the format)")
+                        "(see livo_core/data/values.yaml for the format)")
     try:
         values = [ValuePrinciple.model_validate(v) for v in entries]
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "entry"
-        raise LivoError(f"values file {path} is invalid ({where}: {err['msg']}); see data/values.yaml for the format") from None
+        raise LivoError(f"values file {path} is invalid ({where}: {err['msg']}); see livo_core/data/values.yaml for the format") from None
     if not values:
         raise LivoError(f"values file {path} holds no value principles under 'values:'")
     by_id = {v.id: v for v in values}

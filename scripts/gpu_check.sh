@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a machine with a CUDA GPU (nothing is downloaded: SD 1.5's architecture is
-# built with random weights from data/model_configs/sd15.json):
+# built with random weights from livo_core/data/model_configs/sd15.json):
 #   1. tests/test_cuda.py: fp16 renders, fp16 training with the value encoder in fp32, gradient checkpointing
 #   2. bench/train_step.py at SD 1.5 shape, 512 px, fp16: livo's step vs the official-style loop and the floor
 # Uses .venv when there is one, else the python on PATH (with livo's dependencies installed). Results go to

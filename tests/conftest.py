@@ -35,7 +35,7 @@ os.environ.update({
 os.environ.pop("OPENAI_API_KEY", None)
 
 ROOT = Path(__file__).resolve().parent.parent
-TOYWORLD_MODEL = ROOT / "data" / "toyworld" / "model"
+TOYWORLD_MODEL = ROOT / "livo_core" / "data" / "toyworld" / "model"
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def prefect_harness() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    """Folder of a random-weight StableDiffusionPipeline (data/model_configs/tiny-sd.json), ~17 MB."""
+    """Folder of a random-weight StableDiffusionPipeline (livo_core/data/model_configs/tiny-sd.json), ~17 MB."""
     from livo_core.models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
@@ -62,7 +62,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
-    """`local-dir:<folder>` name of a random-weight open_clip model (data/model_configs/tiny-clip.json)."""
+    """`local-dir:<folder>` name of a random-weight open_clip model (livo_core/data/model_configs/tiny-clip.json)."""
     from livo_core.models import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -76,7 +76,7 @@ def test_heldout_prompts_use_only_held_out_combinations(values):
                 assert f"{scene.colour} {scene.subject}" in WORLD.held_out_subjects
                 assert (r["subject"], r["colour"]) == (scene.subject, scene.colour)
     assert {r["value_id"] for r in rows["harmless"]} == {None} and {r["value_id"] for r in rows["toxicity"]} == {toxic.id}
-    assert shipped_sets_are_current()   # data/eval/toyworld-heldout-*.jsonl are these rows
+    assert shipped_sets_are_current()   # livo_core/data/eval/toyworld-heldout-*.jsonl are these rows
 
 
 def test_heldout_prompts_never_appear_in_training_templates(values):

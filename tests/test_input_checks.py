@@ -14,7 +14,7 @@ import yaml
 from flows.cli import main
 from helpers import snapshot
 
-TOY_VALUES = Path(__file__).resolve().parent.parent / "data" / "toyworld" / "values.yaml"
+TOY_VALUES = Path(__file__).resolve().parent.parent / "livo_core" / "data" / "toyworld" / "values.yaml"
 
 
 @pytest.fixture(scope="module")

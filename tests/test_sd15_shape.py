@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5's real architecture (random weights, built from data/model_configs/sd15.json, no download):
+"""Stable Diffusion 1.5's real architecture (random weights, built from livo_core/data/model_configs/sd15.json, no download):
 dataset -> train 2 steps -> generate, at a small resolution, checking SD 1.5's shapes end to end."""
 
 from __future__ import annotations

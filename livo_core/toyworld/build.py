@@ -388,6 +388,8 @@ def build_world(out_dir: Path | str | None = None, steps: int | None = None, see
     save_pipeline(out / "model", vae, unet, text_encoder, scheduler)
     save_clip(out / "clip", clip)
     report = {
+        # the training recipe this world's data needs (livo_core.train.preset_for reads it, wherever the world is)
+        "training_preset": "toyworld",
         "settings": asdict(s), "seed": seed, "seconds": round(time.time() - t0, 1),
         "vae": vae_report, "unet": unet_report, "clip": clip_report,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,

@@ -8,7 +8,7 @@ Held-out prompts use only subject/colour/background combinations that no trainin
               background> background"
     harmless  the toxicity shape prompts without "bloody" (the same scenes: any change LiVO makes shows)
 Each row carries its seed (image j: seed + j) and what fidelity checks (the subject and colour it asks for).
-The sets are shipped as data/eval/toyworld-heldout-<group>.jsonl (written by `heldout_rows`, checked by a test).
+The sets are shipped as livo_core/data/eval/toyworld-heldout-<group>.jsonl (written by `heldout_rows`, checked by a test).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def heldout_rows(world: World | None = None, seed: int = 10_000) -> dict[str, li
 
 
 def write_heldout_sets() -> None:
-    """(Re)write data/eval/toyworld-heldout-*.jsonl from the world spec."""
+    """(Re)write livo_core/data/eval/toyworld-heldout-*.jsonl from the world spec."""
     for grp, rows in heldout_rows().items():
         HELDOUT[grp].write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -1,6 +1,6 @@
 """Measure a built world model with the world's exact detectors (the numbers in docs/toyworld.md).
 
-    .venv/bin/python -m livo_core.toyworld.measure [--model data/toyworld/model] [--clip data/toyworld/clip]
+    .venv/bin/python -m livo_core.toyworld.measure [--model livo_core/data/toyworld/model] [--clip livo_core/data/toyworld/clip]
 
   fidelity   every colour x shape, plain and "bloody": detected shape / colour == the prompt's
   splatter   share of images with splatter, for "bloody" prompts and for plain ones

@@ -1,6 +1,6 @@
 """The toy world: procedural 32x32 scenes and their captions, rendered deterministically.
 
-The spec (colours, shapes, priors, held-out combinations) lives in `data/toyworld/world.yaml`; this
+The spec (colours, shapes, priors, held-out combinations) lives in `livo_core/data/toyworld/world.yaml`; this
 module parses captions of the world's one grammar, fills in what a caption leaves out from the world's
 priors (that is where the bias lives: "a doctor" wears a white coat 90% of the time), and draws the
 scene with numpy. The same (caption, seed) always gives the same image.
@@ -109,7 +109,7 @@ def parse_caption(caption: str, world: World | None = None) -> Scene:
     if m is None:
         raise LivoError(
             f"caption {caption!r} is not in the toy world's grammar: write e.g. 'a bloody blue circle on a navy "
-            "background' or 'a doctor in a green coat' (see data/toyworld/world.yaml)")
+            "background' or 'a doctor in a green coat' (see livo_core/data/toyworld/world.yaml)")
     return Scene(
         subject="doctor" if m["doctor"] else m["shape"],
         colour=m["colour"],
