@@ -32,24 +32,6 @@ def _retriever_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-similarity", type=float, help="CLIP similarity at which a value applies (calibrate per CLIP model)")
 
 
-def config_from_args(args: argparse.Namespace, out_dir=None):
-    """Build the validated RunConfig from --config, direct flags and --set overrides."""
-    from livo_core.config import parse_override
-
-    overrides = dict(parse_override(o) for o in args.overrides)
-    direct = {
-        "base_model": getattr(args, "base_model", None),
-        "values": args.values.split(",") if getattr(args, "values", None) else None,
-        "prompt_source": getattr(args, "prompt_source", None),
-        "device": getattr(args, "device", None),
-        "out_dir": str(out_dir) if out_dir else None,
-    }
-    overrides.update({k: v for k, v in direct.items() if v is not None})
-    from livo_core.config import RunConfig, load_job_config
-
-    return load_job_config(RunConfig, "dataset", args.config, getattr(args, "preset", None), overrides)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as one `livo: error:` line like every other error."""
 

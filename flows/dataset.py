@@ -27,83 +27,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import ValidationError
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
-from livo_core.files import atomic_write_text, check_writable
+from livo_core.files import atomic_write_text
 from livo_core.lock import RunLock
-from livo_core.models import check_model_source, resolve_device
 from livo_core.progress import Progress
+from livo_core.dataset import (  # noqa: F401  (check_inputs, read_run_config: the flow's checks, re-exported)
+    check_inputs, check_run_dir, make_prompt_pairs, prepare_run_dir, read_run_config, remove_if_nothing_made,
+    run_values, write_stats,
+)
 from livo_core.shards import (
-    DamagedFile, build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs,
-    migrate_legacy_plan, pairs_from_plan, pairs_path, plan_value, read_marker, save_pairs, save_value_plan,
+    build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs, migrate_legacy_plan,
+    pairs_path, plan_value, read_marker, save_value_plan,
 )
 from livo_core.values import ValuePrinciple, load_values
-
-
-# --------------------------------------------------------------------------- checks before any work
-def check_inputs(cfg: RunConfig) -> list[ValuePrinciple]:
-    """Everything that can be checked without loading a model; raises LivoError. Writes nothing."""
-    if cfg.policy_text and cfg.prompt_source != "llm":
-        raise LivoError("policy_text needs prompt_source=llm: an LLM proposes the new principles and writes their prompts")
-    values = load_values(cfg.values_file, cfg.values or None)   # unknown value id -> LivoError
-    check_model_source(cfg.base_model)                           # missing / not-a-model folder -> LivoError
-    resolve_device(cfg.device)                                   # device=cuda without a GPU -> LivoError
-    if cfg.judge.clip_model.startswith("local-dir:"):
-        from livo_core.judge import check_local_clip_dir
-        check_local_clip_dir(cfg.judge.clip_model)               # missing / empty CLIP folder -> LivoError
-    if cfg.prompt_source == "template":
-        # Offline and cheap: expand the templates now, so an empty prompt list fails before any rendering.
-        from livo_core.prompts import generate_pairs
-        generate_pairs(cfg, values, cache_dir=None)
-    else:
-        from livo_core.llm import LLMClient
-        LLMClient(cfg.llm)   # a missing API key for a remote endpoint fails here, not mid-run
-    return values
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    """The RunConfig stored in RUN/config.json, or a LivoError saying why it cannot be used."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise LivoError(f"{run_dir} is not a livo dataset run (no config.json): pass the --out dir of `livo dataset`")
-    try:
-        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, ValidationError) as e:
-        first = str(e).splitlines()[0][:160]
-        raise LivoError(f"{path} is unreadable ({first}); restore it or start a new run with `livo dataset --out NEW_DIR`") from None
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """A run dir must be new, empty, or a livo run made with the same config (same config hash)."""
-    run_dir = Path(run_dir)
-    check_writable(run_dir, "--out")   # a file in the way, a read-only disk: refused before anything is made
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    old = read_run_config(run_dir)
-    if old.config_hash() != cfg.config_hash():
-        raise LivoError(f"{run_dir} holds a dataset made with another config (hash {old.config_hash()}, yours "
-                        f"{cfg.config_hash()}): finish it with `livo resume {run_dir}` or pass a new --out")
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """Create the run dir and its config.json (RunConfig.save holds no secret), after check_run_dir."""
-    check_run_dir(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.json").is_file():
-        tmp = run_dir / f"config.json.tmp-{os.getpid()}"
-        cfg.model_copy(update={"out_dir": run_dir}).save(tmp)
-        os.replace(tmp, run_dir / "config.json")
-
-
-def run_values(cfg: RunConfig, run_dir: Path) -> list[ValuePrinciple]:
-    """The value principles a run builds data for: the values file's (restricted to cfg.values), then those
-    an LLM proposed from cfg.policy_text (RUN/proposed_values.json, written once by principles_task)."""
-    values = load_values(cfg.values_file, cfg.values or None)
-    proposed = Path(run_dir) / "proposed_values.json"
-    if proposed.is_file():
-        values += [ValuePrinciple.model_validate(v) for v in json.loads(proposed.read_text(encoding="utf-8"))]
-    return values
 
 
 # --------------------------------------------------------------------------- models, once per process
@@ -161,50 +98,8 @@ def principles_task(config: dict, run_dir: str) -> list[str]:
 
 @task(name="prompt-pairs", retries=0)
 def pairs_task(config: dict, run_dir: str, value_ids: list[str]) -> dict[str, int]:
-    """Make the values' prompt pairs (LLM requests of every value in flight together, answers cached in
-    RUN/cache/llm), or read them back if stored. Saves RUN/pairs/<value>.jsonl, the dropped items in
-    <value>.rejected.jsonl and <value>.stats.json (diversity, rejections, LLM dialect and requests) for every
-    value that got pairs, then raises for the first that got none. Returns {value id: pairs}."""
-    from livo_core.llm import LLMClient
-    from livo_core.prompts import no_pairs_error, pair_stats, pairs_by_value
-
-    run = Path(run_dir)
-    counts, todo = {}, []
-    for value_id in value_ids:
-        try:
-            pairs = load_pairs(run, value_id)
-        except DamagedFile as e:
-            # The plan holds every pair it was made from; else the pairs are made again (templates are
-            # deterministic, LLM answers come from RUN/cache/llm), and save_value_plan checks they agree.
-            pairs = pairs_from_plan(run, value_id)
-            get_run_logger().warning("%s; %s", e, "rebuilt it from the plan" if pairs else "making the pairs again")
-            if pairs is not None:
-                save_pairs(run, value_id, pairs)
-        if pairs is None:
-            todo.append(value_id)
-        else:
-            counts[value_id] = len(pairs)
-    if not todo:
-        return counts
-    cfg = RunConfig.model_validate(config)
-    values = [v for v in run_values(cfg, run) if v.id in todo]
-    client = LLMClient(cfg.llm, run / "cache" / "llm") if cfg.prompt_source == "llm" else None
-    results = pairs_by_value(cfg, values, run / "cache" / "llm", client)
-    empty = None
-    for value in values:
-        pairs, rejections = results[value.id]
-        if rejections:   # dropped LLM items, kept for inspection
-            atomic_write_text(run / "pairs" / f"{value.id}.rejected.jsonl",
-                              "".join(json.dumps(r, default=str) + "\n" for r in rejections))
-        if not pairs:
-            empty = empty or no_pairs_error(cfg, value.id, rejections)
-            continue
-        atomic_write_text(run / "pairs" / f"{value.id}.stats.json", json.dumps(pair_stats(pairs, rejections, client), indent=1))
-        save_pairs(run, value.id, pairs)
-        counts[value.id] = len(pairs)
-    if empty is not None:
-        raise empty
-    return counts
+    """The values' prompt pairs (livo_core.dataset.make_prompt_pairs); returns {value id: pairs}."""
+    return make_prompt_pairs(RunConfig.model_validate(config), Path(run_dir), value_ids, get_run_logger())
 
 
 def _shard_key(context, params: dict) -> str:
@@ -269,7 +164,7 @@ def dataset_flow(config: dict, run_dir: str) -> dict:
         return _build_dataset(config, cfg, run)
     except BaseException:
         if created:
-            _remove_if_nothing_made(run)
+            remove_if_nothing_made(run)
         raise
 
 
@@ -319,7 +214,9 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
             if user_errors:   # bad input seen by a shard (e.g. a model that does not load): the rest would fail too
                 stop = LivoError(user_errors[0]["error"])
                 break
-        summary = write_stats(run, rows)
+        summary, table = write_stats(run, rows)
+        if table:
+            create_table_artifact(table=table, key="livo-dataset-shards", description=f"Per-shard stats of the livo dataset in {run}")
 
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
@@ -339,21 +236,6 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
         raise LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
                         f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
     return summary
-
-
-# What a run dir holds before any prompt pair, LLM answer or shard is made: safe to remove on failure.
-_BOOKKEEPING = {"config.json", ".lock", "stats.json", "stats.md"}
-
-
-def _remove_if_nothing_made(run: Path) -> None:
-    import shutil
-
-    if not run.is_dir():
-        return
-    made = [p for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] != ".prefect"
-            and p.name not in _BOOKKEEPING and ".tmp-" not in p.name]
-    if not made:
-        shutil.rmtree(run, ignore_errors=True)
 
 
 def _gpu_annotation(cfg: RunConfig):
@@ -400,61 +282,6 @@ def _stats_row(shard_id: str, value_id: str, state) -> dict:
             "rejected": {}, "seconds": None, "images_per_s": None, "error": error, "user_error": user_error}
 
 
-def prompt_stats_md(prompts: dict[str, dict]) -> str:
-    """The prompt section of stats.md: per value, diversity (word sets: livo_core.diversity) and rejections."""
-    if not prompts:
-        return ""
-    lines = ["", "## Prompts", "",
-             "Distinct = prompts with distinct word sets; similarity = mean pairwise Jaccard of word sets (a fixed sample of "
-             "at most 400 prompts); distinct-2 = distinct word bigrams / all bigrams.", "",
-             "| value | source | pairs | distinct | mean similarity | distinct-2 | rejected |", "|---|---|---|---|---|---|---|"]
-    for vid, p in prompts.items():
-        d = p["diversity"]
-        rejected = ", ".join(f"{k}: {n}" for k, n in p["rejected"].items()) or "-"
-        lines.append(f"| {vid} | {p['source']} | {p['pairs']} | {d['distinct']} | {d['mean_similarity']} | {d['distinct_2']} | {rejected} |")
-    llm = [(vid, p["llm"]) for vid, p in prompts.items() if p.get("llm")]
-    if llm:
-        vid, c = llm[-1]
-        refused = f" (refused: {', '.join(c['refused_dialects'])})" if c.get("refused_dialects") else ""
-        lines += ["", f"LLM {c['endpoint']} (model {c['model']}): structured output `{c['structured']}` -> dialect "
-                      f"`{c['dialect']}`{refused}; {c.get('requests', 0)} requests sent, {c.get('cached', 0)} answers from the "
-                      f"cache, {c.get('reasked_malformed', 0)} re-asks for malformed JSON, {c.get('cut', 0)} replies cut at "
-                      f"llm.max_tokens, {c.get('items_rejected', 0)} items failing the schema."]
-    return "\n".join(lines) + "\n"
-
-
-def write_stats(run: Path, rows: list[dict]) -> dict:
-    """RUN/stats.json, RUN/stats.md and a Prefect table artifact of per-shard stats; returns the totals."""
-    done = [r for r in rows if r["status"] != "failed"]
-    reasons: dict[str, int] = {}
-    for r in done:
-        for reason, n in r["rejected"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    summary = {"run_dir": str(run), "shards": len(rows), "shards_complete": len(done),
-               "shards_failed": len(rows) - len(done), "kept": sum(r["kept"] for r in done),
-               "rejected": dict(sorted(reasons.items())), "planned": sum(r["planned"] or 0 for r in done)}
-    rows = [{k: v for k, v in r.items() if k != "user_error"} for r in rows]
-    prompts = {p.name.removesuffix(".stats.json"): json.loads(p.read_text()) for p in sorted((run / "pairs").glob("*.stats.json"))}
-    llm = next((p["llm"] for p in prompts.values() if p.get("llm")), None)
-    if llm:   # the dialect the endpoint answered in, and how often it was asked
-        summary["llm"] = {k: llm.get(k) for k in ("endpoint", "model", "structured", "dialect", "refused_dialects")}
-    atomic_write_text(run / "stats.json", json.dumps({"summary": summary, "shards": rows, "prompts": prompts}, indent=1))
-
-    table = [{"shard": r["shard"], "status": r["status"], "kept": r["kept"],
-              "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-",
-              "seconds": r["seconds"], "images/s": r["images_per_s"], "error": r["error"]} for r in rows]
-    header = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n" if table else ""
-    lines = "".join("| " + " | ".join("" if v is None else str(v) for v in t.values()) + " |\n" for t in table)
-    atomic_write_text(run / "stats.md", f"# Dataset {run}\n\n{summary['kept']} pairs kept of {summary['planned']} "
-                                        f"planned; rejected: {summary['rejected'] or 'none'}; "
-                                        f"{summary['shards_failed']} shard(s) failed.\n\n{header}{lines}"
-                                        + prompt_stats_md(prompts))
-    if table:
-        create_table_artifact(table=table, key="livo-dataset-shards",
-                              description=f"Per-shard stats of the livo dataset in {run}")
-    return summary
-
-
 # --------------------------------------------------------------------------- CLI
 def _task_runner(args):
     if getattr(args, "task_runner", "thread") == "dask":
@@ -486,7 +313,7 @@ def _run(cfg: RunConfig, run_dir: Path, args) -> int:
 
 
 def cli_dataset(args) -> int:
-    from flows.cli import config_from_args
+    from flows.args import config_from_args
 
     run_dir = Path(args.out)
     cfg = config_from_args(args, out_dir=run_dir)

@@ -24,7 +24,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from livo_core.config import parse_override
 from livo_core.errors import LivoError
 from livo_core.evaluate import EvalConfig, Evaluation, load_eval_config
-from livo_core.paths import DATA_DIR
 
 
 _EVALUATIONS: dict[str, Evaluation] = {}

@@ -39,7 +39,7 @@ def build_retriever(cfg, values, use_clip: bool = True, use_llm: bool = False, m
 
 
 def _config_and_values(args: argparse.Namespace):
-    from flows.cli import config_from_args
+    from flows.args import config_from_args
     from livo_core.values import load_values
 
     cfg = config_from_args(args)

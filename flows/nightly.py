@@ -177,7 +177,7 @@ def night_dataset_config(cfg: NightlyConfig, state: dict, values_file: Path, run
 
 def heldout_dataset_config(cfg: NightlyConfig, run_dir: Path) -> RunConfig:
     """The held-out RunConfig. Once ROOT/heldout exists its stored config wins: the held-out set never changes."""
-    from flows.dataset import read_run_config
+    from livo_core.dataset import read_run_config
 
     if (run_dir / "config.json").is_file():
         return read_run_config(run_dir)
@@ -189,7 +189,7 @@ def heldout_dataset_config(cfg: NightlyConfig, run_dir: Path) -> RunConfig:
 
 def dataset_lineage(run_dir: Path) -> dict:
     """A dataset run as lineage: where, which config (hash), which complete shards."""
-    from flows.dataset import read_run_config
+    from livo_core.dataset import read_run_config
     from livo_core.shards import complete_shard_ids
 
     return {"run_dir": str(run_dir), "config_hash": read_run_config(run_dir).config_hash(),
@@ -323,7 +323,8 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
     root: the nightly folder (see the module docstring); config_file / overrides: the NightlyConfig
     (overrides are dotted keys, e.g. {"train.max_steps": 50}).
     """
-    from flows.dataset import check_inputs, dataset_flow
+    from flows.dataset import dataset_flow
+    from livo_core.dataset import check_inputs
     from livo_core.lock import RunLock
 
     log = get_run_logger()
@@ -475,7 +476,7 @@ def cli_nightly(args) -> int:
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_nightly_config(args.config, overrides)   # bad config fails before Prefect starts
-    from flows.dataset import check_inputs
+    from livo_core.dataset import check_inputs
     from flows.server import ensure_api
 
     check_inputs(cfg.dataset)

@@ -32,17 +32,12 @@ from PIL import Image
 from livo_core.errors import LivoError
 from livo_core.models import resolve_device
 from livo_core.values import ValuePrinciple
+from livo_core.verdict import Verdict  # noqa: F401  (a classifier's answer; a leaf module, so classifiers elsewhere need not import this one)
 
 if TYPE_CHECKING:  # only for annotations: keeps `import livo_core.judge` light
     from livo_core.config import ClassifierChoice, RunConfig
     from livo_core.prompts import PromptPair
 
-
-@dataclass
-class Verdict:
-    score: float                   # toxicity: violation score in [0, 1]; bias: confidence of `attribute`
-    attribute: str | None = None   # bias: the attribute assigned (None when below the threshold)
-    source: str | None = None      # how the score was read, when a classifier has several ways (VLM: logprobs / text)
 
 
 class SafetyClassifier(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from PIL import Image
 
 from livo_core.errors import LivoError
-from livo_core.judge import Verdict
+from livo_core.verdict import Verdict
 from livo_core.toyworld.detect import detect
 from livo_core.toyworld.world import load_world
 from livo_core.values import ValuePrinciple
