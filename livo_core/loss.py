@@ -111,17 +111,27 @@ def dpo_loss(theta_w, ref_w, theta_l, ref_l, *, beta_dpo=5000.0, weights=None) -
     return dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=beta_dpo, weights=weights)["loss"]
 
 
-def min_snr_weights(timesteps: torch.Tensor, scheduler, gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weights(timesteps: torch.Tensor, scheduler, gamma: float = 5.0, formula: str = "diffusers") -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) for each timestep (B,) -> (B,).
 
-    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The weight caps the SNR at gamma, so the many easy
-    low-noise timesteps stop dominating: min(SNR, gamma) / SNR for epsilon prediction,
-    min(SNR, gamma) / (SNR + 1) for v-prediction (its target already carries the extra factor).
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t); the weight caps the SNR at gamma, so the many easy low-noise
+    timesteps stop dominating. Two formulas are in use:
+      "diffusers" (default; today's diffusers training scripts): min(SNR, gamma) / SNR for epsilon prediction,
+                  min(SNR, gamma) / (SNR + 1) for v-prediction (the paper's weight for a v target);
+      "authors"   (the LiVO authors' train.py, from an older diffusers): min(SNR, gamma) / SNR, plus 1 under
+                  v-prediction ("floored to an SNR weight of one"): at SNR 10, gamma 5: 1.5 instead of 0.4545.
+    Both are identical under epsilon prediction (SD 1.x). At SNR = 0 (the last timestep of a zero-terminal-SNR
+    schedule) the weight is 1, as the authors set it: 0 / 0 would make the loss NaN.
     """
     alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
     a = alphas_cumprod[timesteps]
     snr = a / (1.0 - a)  # (B,)
     capped = torch.clamp(snr, max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return capped / (snr + 1.0)
-    return capped / snr
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    if formula == "authors":
+        weights = capped / snr + (1.0 if v_pred else 0.0)
+    elif formula == "diffusers":
+        weights = capped / (snr + 1.0) if v_pred else capped / snr
+    else:
+        raise ValueError(f"unknown min-SNR formula {formula!r}: diffusers or authors")
+    return torch.where(snr == 0, torch.ones_like(weights), weights)

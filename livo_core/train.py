@@ -71,6 +71,10 @@ class TrainConfig(StrictModel):
     gamma2: float = Field(0.5, ge=0, description="LiVO: margin of the violating-image hinge.")
     beta_dpo: float = Field(5000.0, gt=0, description="DPO: KL strength (Diffusion-DPO uses 5000 for SD 1.5).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Weight each denoising error by min-SNR-gamma of its timestep (e.g. 5), inside the hinges as the authors' code; None = no weighting.")
+    min_snr_formula: Literal["diffusers", "authors"] = Field("diffusers", description="With min_snr_gamma: diffusers = min(SNR, g) / SNR "
+                                                             "(epsilon) or / (SNR + 1) (v-prediction), today's diffusers and the "
+                                                             "Min-SNR paper; authors = min(SNR, g) / SNR, + 1 under v-prediction "
+                                                             "(the LiVO code's older diffusers). Equal under epsilon (SD 1.x).")
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (1e-6 for SD 1.5; tiny test models need ~1e-4).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
@@ -326,7 +330,7 @@ def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generat
 
 def loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The configured loss on per-sample errors, its logged parts, and the batch's preference accuracy."""
-    weights = min_snr_weights(t, noise_scheduler, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+    weights = min_snr_weights(t, noise_scheduler, cfg.min_snr_gamma, cfg.min_snr_formula) if cfg.min_snr_gamma else None
     if cfg.loss == "dpo":
         terms = dpo_loss_terms(theta_w, ref_w, theta_l, ref_l, beta_dpo=cfg.beta_dpo, weights=weights)
     else:

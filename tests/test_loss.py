@@ -133,3 +133,49 @@ def test_min_snr_weights():
     a = v_sched.alphas_cumprod[t]
     snr = a / (1 - a)
     assert torch.allclose(min_snr_weights(t, v_sched, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def _authors_weights(timesteps, scheduler, gamma):
+    """Transcribed from the LiVO authors' value_encoder/train.py (min-SNR branch), with diffusers' compute_snr."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    base_weight = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        mse_loss_weights = base_weight + 1
+    else:
+        mse_loss_weights = base_weight
+    mse_loss_weights[snr == 0] = 1.0
+    return mse_loss_weights
+
+
+def _diffusers_weights(timesteps, scheduler, gamma):
+    """Transcribed from today's diffusers examples/text_to_image/train_text_to_image.py."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    mse_loss_weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        mse_loss_weights = mse_loss_weights / snr
+    elif scheduler.config.prediction_type == "v_prediction":
+        mse_loss_weights = mse_loss_weights / (snr + 1)
+    return mse_loss_weights
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_formulas_equal_their_transcriptions_and_stay_finite_at_zero_terminal_snr(prediction):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction)
+    t = torch.tensor([0, 10, 300, 500, 999])
+    assert torch.allclose(min_snr_weights(t, sched, 5.0, "authors"), _authors_weights(t, sched, 5.0))
+    assert torch.allclose(min_snr_weights(t, sched, 5.0, "diffusers"), _diffusers_weights(t, sched, 5.0))
+    if prediction == "v_prediction":   # the issue's example: SNR 10, gamma 5 -> 1.5 (authors) vs 0.4545 (diffusers)
+        snr = torch.tensor(10.0)
+        assert float(torch.clamp(snr, max=5.0) / snr + 1) == pytest.approx(1.5)
+        assert float(torch.clamp(snr, max=5.0) / (snr + 1)) == pytest.approx(0.4545, abs=1e-4)
+    zero = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type=prediction)
+    for formula in ("authors", "diffusers"):
+        w = min_snr_weights(torch.tensor([0, 500, 999]), zero, 5.0, formula)
+        assert torch.isfinite(w).all() and w[-1] == 1.0        # snr(999) = 0: the authors' weight 1
+    assert torch.allclose(min_snr_weights(torch.tensor([0, 500, 999]), zero, 5.0, "authors"),
+                          _authors_weights(torch.tensor([0, 500, 999]), zero, 5.0))
