@@ -3,9 +3,10 @@
     livo dataset --out RUN [--config FILE] [--set key=value ...]
     livo resume RUN
 
-One Prefect task makes (or reads back) each value's prompt pairs; then ONE TASK PER SHARD renders,
-judges and writes that shard (see livo_core.shards). Values are processed in order, so a value's shards
-are finished before the next value's prompts are asked for. A shard task is skipped when its completion
+One Prefect task makes (or reads back) every value's prompt pairs (an LLM's requests for all values in
+flight together); then ONE TASK PER SHARD renders, judges and writes that shard (see livo_core.shards),
+value by value. The run folder's logic (checks, config, pairs, stats) is livo_core.dataset; this module
+wires it into Prefect. A shard task is skipped when its completion
 marker exists, and is also cached by Prefect (key: config hash + run dir + shard id, cache records kept
 in RUN/.prefect/), so a new flow run over the same run dir touches nothing that is complete.
 
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
-import threading
 from pathlib import Path
 
 from flows import env  # noqa: F401  (offline/quiet environment before Prefect loads)
@@ -29,71 +28,23 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.task_runners import ThreadPoolTaskRunner
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
-from livo_core.files import atomic_write_text
 from livo_core.lock import RunLock
 from livo_core.progress import Progress
-from livo_core.dataset import (  # noqa: F401  (check_inputs, read_run_config: the flow's checks, re-exported)
-    check_inputs, check_run_dir, make_prompt_pairs, prepare_run_dir, read_run_config, remove_if_nothing_made,
-    run_values, write_stats,
+from livo_core.dataset import (  # noqa: F401  (check_inputs, read_run_config, load_models: re-exported)
+    BUILD_LOCK, check_inputs, check_run_dir, load_models, make_prompt_pairs, prepare_run_dir, propose_run_principles,
+    read_run_config, remove_if_nothing_made, run_values, write_stats,
 )
 from livo_core.shards import (
     build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs, migrate_legacy_plan,
     pairs_path, plan_value, read_marker, save_value_plan,
 )
-from livo_core.values import ValuePrinciple, load_values
-
-
-# --------------------------------------------------------------------------- models, once per process
-_MODELS: dict[str, tuple] = {}
-_MODELS_LOCK = threading.Lock()
-# A diffusers pipeline is not thread-safe (its scheduler keeps state): one shard at a time per process.
-_BUILD_LOCK = threading.Lock()
-
-
-def load_models(cfg: RunConfig, values: list[ValuePrinciple]):
-    """(Renderer, Judge) for this config and values, loaded on first use in this process and then reused."""
-    from livo_core.judge import Judge
-    from livo_core.render import Renderer
-
-    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, [v.model_dump(mode="json") for v in values],
-                      cfg.judge.model_dump(mode="json")], sort_keys=True)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS.clear()   # one set of models per process: free the old ones first
-            _use_dask_workers_gpu()
-            _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge(cfg, values))
-        return _MODELS[key]
-
-
-def _use_dask_workers_gpu() -> None:
-    """In a Dask worker of a local cluster with one worker per GPU (named 0..n-1), make "cuda" mean GPU n."""
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):   # not in a Dask worker
-        return
-    import torch
-
-    if torch.cuda.is_available() and str(name).isdigit():
-        torch.cuda.set_device(int(name) % torch.cuda.device_count())
 
 
 # --------------------------------------------------------------------------- tasks
 @task(name="propose-principles", retries=0)
 def principles_task(config: dict, run_dir: str) -> list[str]:
-    """Value principles an LLM reads out of cfg.policy_text, stored once in RUN/proposed_values.json."""
-    from livo_core.llm import LLMClient
-    from livo_core.prompts import propose_principles
-
-    run = Path(run_dir)
-    path = run / "proposed_values.json"
-    if not path.is_file():
-        cfg = RunConfig.model_validate(config)
-        client = LLMClient(cfg.llm, run / "cache" / "llm")
-        proposed = propose_principles(client, cfg.policy_text, load_values(cfg.values_file))
-        atomic_write_text(path, json.dumps([v.model_dump(mode="json") for v in proposed], indent=1))
-    return [v["id"] for v in json.loads(path.read_text(encoding="utf-8"))]
+    """Value principles an LLM reads out of cfg.policy_text (livo_core.dataset.propose_run_principles)."""
+    return propose_run_principles(RunConfig.model_validate(config), Path(run_dir))
 
 
 @task(name="prompt-pairs", retries=0)
@@ -136,7 +87,7 @@ def build_one_shard(config: dict, run_dir: str, shard_id: str) -> dict:
     cfg = RunConfig.model_validate(config)
     values = run_values(cfg, run)
     renderer, judge = load_models(cfg, values)
-    with _BUILD_LOCK:
+    with BUILD_LOCK:
         return {**build_shard(cfg, run, shard_id, renderer, judge, {v.id: v for v in values}), "status": "built"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -203,3 +204,53 @@ def write_stats(run: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
     return summary, table
 
 
+
+
+# --------------------------------------------------------------------------- models, once per process
+_MODELS: dict[str, tuple] = {}
+_MODELS_LOCK = threading.Lock()
+# A diffusers pipeline is not thread-safe (its scheduler keeps state): one shard at a time per process.
+BUILD_LOCK = threading.Lock()
+
+
+def load_models(cfg: RunConfig, values: list[ValuePrinciple]):
+    """(Renderer, Judge) for this config and values, loaded on first use in this process and then reused."""
+    from livo_core.judge import Judge
+    from livo_core.render import Renderer
+
+    key = json.dumps([cfg.base_model, cfg.device, cfg.dtype, [v.model_dump(mode="json") for v in values],
+                      cfg.judge.model_dump(mode="json")], sort_keys=True)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()   # one set of models per process: free the old ones first
+            _use_dask_workers_gpu()
+            _MODELS[key] = (Renderer(cfg.base_model, device=cfg.device, dtype=cfg.dtype), Judge(cfg, values))
+        return _MODELS[key]
+
+
+def _use_dask_workers_gpu() -> None:
+    """In a Dask worker of a local cluster with one worker per GPU (named 0..n-1), make "cuda" mean GPU n."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):   # not in a Dask worker
+        return
+    import torch
+
+    if torch.cuda.is_available() and str(name).isdigit():
+        torch.cuda.set_device(int(name) % torch.cuda.device_count())
+
+
+
+def propose_run_principles(cfg: RunConfig, run: Path) -> list[str]:
+    """Value principles an LLM reads out of cfg.policy_text, stored once in RUN/proposed_values.json; their ids."""
+    from livo_core.llm import LLMClient
+    from livo_core.prompts import propose_principles
+
+    path = run / "proposed_values.json"
+    if not path.is_file():
+        client = LLMClient(cfg.llm, run / "cache" / "llm")
+        proposed = propose_principles(client, cfg.policy_text, load_values(cfg.values_file))
+        atomic_write_text(path, json.dumps([v.model_dump(mode="json") for v in proposed], indent=1))
+    return [v["id"] for v in json.loads(path.read_text(encoding="utf-8"))]

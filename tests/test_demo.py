@@ -12,7 +12,7 @@ import json
 import pytest
 
 from flows.cli import main
-from flows.demo import METHODS, QUICK, TRAINED
+from livo_core.toyworld.demo import METHODS, QUICK, TRAINED
 
 
 def test_demo_refuses_a_file_as_out(tmp_path, capsys):

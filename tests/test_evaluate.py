@@ -164,7 +164,7 @@ def test_metrics_refuse_base_images_of_other_prompts(values, classifiers, tmp_pa
 
 
 def test_steps_below_and_summary_rows():
-    from flows.demo import summary_rows
+    from livo_core.toyworld.demo import summary_rows
 
     curve = [{"step": 0, "violation_rate": 1.0}, {"step": 20, "violation_rate": 0.09},
              {"step": 10, "violation_rate": 0.5}, {"step": 30, "violation_rate": 0.0}]
