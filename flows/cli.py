@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect-yaml", default=None, help="deploy what this prefect.yaml declares (prefect deploy --all)")
     p.add_argument("--work-pool", default="livo", help="work pool of the deployments (created as a process pool if missing)")
     p.add_argument("--serve", action="store_true", help="no work pool: serve the deployments from this process")
-    p.add_argument("--root", default="runs/nightly", help="nightly folder the nightly and evaluation deployments use")
+    p.add_argument("--root", default="runs/nightly", help="nightly folder the nightly and heldout deployments use")
     p.add_argument("--nightly-config", help="nightly config file the nightly deployment passes")
     p.add_argument("--nightly-cron", default="0 3 * * *", help="cron schedule of the nightly deployment")
     p.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")

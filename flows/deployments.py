@@ -7,8 +7,8 @@
 Deployments (flow name / deployment name):
   livo-dataset/dataset        build or finish a dataset run (parameters: config, run_dir)
   livo-train/training         train a value encoder on dataset runs
-  livo-evaluate/evaluation    score a registry version on the nightly's held-out set (root, version)
-  livo-evaluate-model/evaluate  the paper's evaluation of value encoders on renders (config, out_dir)
+  livo-heldout/heldout        score a registry version on the nightly's held-out set (root, version)
+  livo-evaluate/evaluate      the paper's evaluation of value encoders on renders (config, out_dir)
   livo-nightly/nightly        the nightly loop (root, config_file, overrides); cron "0 3 * * *" UTC
 
 With a work pool, runs wait until a worker of that pool picks them up (`prefect worker start --pool livo`).
@@ -48,7 +48,7 @@ def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC"
 
     from flows.dataset import dataset_flow
     from flows.evaluation import evaluation_flow
-    from flows.nightly import evaluate_flow, nightly_flow
+    from flows.nightly import heldout_flow, nightly_flow
     from livo_core.config import RunConfig
 
     root = str(Path(root).resolve())   # a worker runs flows elsewhere: give it absolute paths
@@ -58,7 +58,7 @@ def build_deployments(root: str, cron: str = DEFAULT_CRON, timezone: str = "UTC"
         dataset_flow.to_deployment(name="dataset", description="Build or finish a livo dataset run (renders take the gpu tag).",
                                    parameters={"config": RunConfig().model_dump(mode="json"),
                                                "run_dir": str(Path("runs/dataset").resolve())}, **common),
-        evaluate_flow.to_deployment(name="evaluation", description="Held-out metrics of a registry version (default: production).",
+        heldout_flow.to_deployment(name="heldout", description="Held-out metrics of a registry version (default: production).",
                                     parameters={"root": root}, **common),
         evaluation_flow.to_deployment(name="evaluate", description="The paper's evaluation of value encoders on renders (livo evaluate).",
                                       parameters={"config": {}, "out_dir": str(Path("runs/eval").resolve())}, **common),

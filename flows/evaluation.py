@@ -62,7 +62,7 @@ def report_task(config: dict, out_dir: str) -> dict:
     return results
 
 
-@flow(name="livo-evaluate-model", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="livo-evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def evaluation_flow(config: dict, out_dir: str, overwrite: bool = False) -> dict:
     """Evaluate the configured methods on the configured prompt sets; returns {method: metrics}.
 

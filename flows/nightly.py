@@ -230,8 +230,8 @@ def _comparison_artifact(night, candidate, production, promoted, reason, metrics
     create_markdown_artifact(markdown=md, key="livo-nightly-comparison", description=f"livo nightly {night}: {candidate} vs {production or 'none'}")
 
 
-@flow(name="livo-evaluate")
-def evaluate_flow(root: str = "runs/nightly", version: str | None = None) -> dict:
+@flow(name="livo-heldout")
+def heldout_flow(root: str = "runs/nightly", version: str | None = None) -> dict:
     """Score a registry version (default: production) on the nightly's held-out set (denoising metrics; the
     renders' eval_* metrics are `livo evaluate`'s); returns its metrics."""
     log = get_run_logger()

@@ -185,7 +185,7 @@ def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefe
 
     # The evaluation flow (the `evaluation` deployment) scores production on the same held-out draws (the
     # renders' eval_* metrics come from `livo evaluate`, not from this flow).
-    from flows.nightly import evaluate_flow
+    from flows.nightly import heldout_flow
 
     heldout = {k: v for k, v in kept["metrics"]["production"].items() if not k.startswith("eval_")}
-    assert evaluate_flow(root=str(root)) == pytest.approx(heldout)
+    assert heldout_flow(root=str(root)) == pytest.approx(heldout)

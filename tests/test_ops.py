@@ -12,6 +12,10 @@ import time
 
 import pytest
 
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent   # the checkout: prefect.yaml, a process worker's working_dir
+
 from livo_core.errors import LivoError
 from livo_core.lock import RunLock, read_holder
 from livo_core.registry import MetricRule, ModelRegistry, PromotionRule, promote_if_not_worse
@@ -330,21 +334,20 @@ def test_deployments_on_a_real_server_and_a_nightly_run_picked_up_by_a_worker(pr
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from livo_core.paths import ROOT
     from livo_core.registry import ModelRegistry
     from test_nightly import small_nightly
 
     url, env = prefect_server
     # prefect.yaml declares the deployments ...
-    done = subprocess.run([PY, "-m", "flows.cli", "deploy", "--prefect-yaml", str(ROOT / "prefect.yaml")], env=env,
+    done = subprocess.run([PY, "-m", "flows.cli", "deploy", "--prefect-yaml", str(PROJECT / "prefect.yaml")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     from_yaml = _deployments(url)
-    assert {"livo-dataset/dataset", "livo-evaluate/evaluation", "livo-nightly/nightly"} <= set(from_yaml)
+    assert {"livo-dataset/dataset", "livo-heldout/heldout", "livo-nightly/nightly"} <= set(from_yaml)
     nightly = from_yaml["livo-nightly/nightly"]
     assert nightly["entrypoint"] == "flows.nightly.nightly_flow" and nightly["parameters"]["root"] == "runs/nightly"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
-    assert nightly["work_pool_name"] == "livo" and nightly["job_variables"] == {"working_dir": str(ROOT)}
+    assert nightly["work_pool_name"] == "livo" and nightly["job_variables"] == {"working_dir": str(PROJECT)}
     assert nightly["global_concurrency_limit"]["limit"] == 1
 
     # ... and `livo deploy` creates (updates) the same ones, with the work pool made if missing.
