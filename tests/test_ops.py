@@ -9,18 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
-
-import pytest
-
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent   # the checkout: prefect.yaml, a process worker's working_dir
+import pytest
 
 from livo_core.errors import LivoError
 from livo_core.lock import RunLock, read_holder
 from livo_core.registry import MetricRule, ModelRegistry, PromotionRule, promote_if_not_worse
 
 PY = sys.executable
+PROJECT = Path(__file__).resolve().parent.parent   # the checkout: prefect.yaml, a process worker's working_dir
 # Subprocesses (CLI runs, server, worker) render and train with one torch thread, as the fixture below.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
