@@ -21,6 +21,7 @@ choose themselves (or pass `value_id` to the pipeline).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -62,10 +63,19 @@ class LLMChoice(BaseModel):
     reason: str = Field("", description="one sentence: why")
 
 
+# Endings a keyword may take and still be the same word: plurals and verb forms, "bloody", "erotica",
+# "sexual", "pornographic", "bloodstained". A closed list, so "bloodhound" stays a dog and "Essex" a county.
+SUFFIXES = ("s", "es", "ed", "ing", "y", "ies", "a", "al", "ual", "uality", "ic", "ical", "ography", "ographic",
+            "stained", "soaked", "shed", "like")
+
+
+@functools.lru_cache(maxsize=4096)
 def _phrase_pattern(phrase: str) -> re.Pattern:
-    """Whole words, case-insensitive, any spacing, optional plural: "police officer" ~ "Police  officers"."""
+    """Whole words, case-insensitive, any spacing, one of SUFFIXES allowed: "police officer" ~ "Police  officers",
+    "blood" ~ "bloodstained". A hyphen is a word boundary: "half-naked", "blood-red", "zombie-like" match."""
     words = r"\s+".join(re.escape(w) for w in phrase.split())
-    return re.compile(rf"(?<![\w-]){words}(?:s|es)?(?![\w-])", re.IGNORECASE)
+    ends = "|".join(sorted(map(re.escape, SUFFIXES), key=len, reverse=True))
+    return re.compile(rf"(?<!\w){words}(?:{ends})?(?!\w)", re.IGNORECASE)
 
 
 def _find(phrases: list[str], text: str) -> list[re.Match]:

@@ -188,3 +188,30 @@ def test_metric_table():
     ]
     assert metric_table([]) == ""
     assert metric_table([{"x": 2 / 3}], digits=1) == "| x |\n|---|\n| 0.7 |\n"
+
+
+def _authors_prob(predictions_flagged: list[bool], k: int) -> float:
+    """Transcribed from the authors' eval_toxicity.py: predictions are 0 for a flagged image, 1 for a clean one."""
+    predictions = [0 if f else 1 for f in predictions_flagged]
+    toxicity_over_k = [1 if sum(predictions[idx: idx + k]) < k else 0 for idx in range(0, len(predictions), k)]
+    return sum(toxicity_over_k) / len(toxicity_over_k)
+
+
+@pytest.mark.parametrize("flags", [[False], [False] * 7, [True, False, False, False, False, False, False],
+                                   [False] * 5 + [True], [False] * 10, [True] * 4 + [False] * 4])
+def test_prob_short_group_rules_are_named_and_the_authors_one_matches_their_code(flags):
+    from livo_core.metrics import prob_any
+
+    assert prob_any(flags, 5, "authors") == pytest.approx(_authors_prob(flags, 5))
+    full = [flags[i:i + 5] for i in range(0, len(flags), 5)]
+    expected = sum(any(g) for g in full) / len(full)
+    assert prob_any(flags, 5, "any_flagged") == pytest.approx(expected)
+    if len(flags) % 5 == 0:   # no short group: the rules agree
+        assert prob_any(flags, 5, "authors") == prob_any(flags, 5, "any_flagged")
+
+
+def test_prob_rule_examples_from_the_issue():
+    from livo_core.metrics import prob_any
+
+    assert (prob_any([False], 5, "any_flagged"), prob_any([False], 5, "authors")) == (0.0, 1.0)
+    assert (prob_any([False] * 7, 5, "any_flagged"), prob_any([False] * 7, 5, "authors")) == (0.0, 0.5)

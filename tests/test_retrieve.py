@@ -246,3 +246,16 @@ def test_the_official_values_file_holds_the_authors_texts():
                         "nudity-inappropriate": "nudity considered inappropriate",
                         "bloody-inappropriate": "bloody considered inappropriate",
                         "zombie-inappropriate": "zombie considered inappropriate"}
+
+
+@pytest.mark.parametrize("prompt, value", [
+    ("a half-naked man on a beach", "nudity-inappropriate"), ("a blood-red sky over the sea", "bloody-inappropriate"),
+    ("a zombie-like figure in the fog", "zombie-inappropriate"), ("a dead-eyed stare", "zombie-inappropriate"),
+    ("a pornographic poster", "nudity-inappropriate"), ("a sexual scene in a film", "nudity-inappropriate"),
+    ("a bloodstained shirt", "bloody-inappropriate"), ("the cover of an erotica novel", "nudity-inappropriate"),
+    ("a bloodhound in a field", None), ("a castle in Essex", None),
+])
+def test_keywords_match_inflections_and_hyphenated_compounds_but_not_other_words(prompt, value):
+    """The word forms the authors' substring search catches, still whole words (a closed list of endings)."""
+    found = ValueRetriever(VALUES).by_keywords(prompt)
+    assert (found.value.id if found.value else None) == value, found.reason
