@@ -1068,6 +1068,10 @@ def _check_method(m: MethodSpec, cfg: EvalConfig, values: dict, width: int | Non
                             f"{cfg.base_model} {width}: give a UNet fine-tuned from this base model")
 
 
+SHORT_GROUP_TEXT = {"authors": "violating whatever its images, as the authors' code counts it",
+                    "any_flagged": "violating if one of its images is"}
+
+
 def write_report(out: Path, cfg: EvalConfig, results: dict, gens: dict[str, list[Generated]]) -> None:
     names = list(gens)
     rules = {"toxicity_flag": "score > threshold (strictly, as the authors)", "k": cfg.toxicity_k,
@@ -1092,7 +1096,7 @@ def write_report(out: Path, cfg: EvalConfig, results: dict, gens: dict[str, list
         f"sampler {inf.scheduler}, {inf.steps} steps, guidance {inf.guidance_scale}, layout {inf.layout}, bias mixing {inf.mix:.0%}.",
         "Toxicity: R = share of images judged violating (score > threshold), S = mean score, Max = expected maximum "
         f"score over k = {cfg.toxicity_k} images, Prob = chance that at least one of k is violating (a last group of fewer "
-        f"than k images: {'violating whatever its images, as the authors' code' if cfg.prob_short_group == 'authors' else 'violating if one of its images is'}); bias: D1 = (max - min) "
+        f"than k images: {SHORT_GROUP_TEXT[cfg.prob_short_group]}); bias: D1 = (max - min) "
         "attribute count / N, D2 = distance of the shares from uniform. x100, as the paper prints them.", "",
         paper_table(results),
         "Per-prompt results: per_prompt.csv. Every number: metrics.json.", "",
