@@ -258,7 +258,8 @@ def load_job_config(model: type[BaseModel], kind: str, path: Path | str | None =
     data: dict[str, Any] = _read_file(preset_file(kind, preset)) if preset else {}
     if path:
         _deep_merge(data, _read_file(Path(path)))
-    return load_settings(model, None, {**data, **(overrides or {})}, f"{kind} config")
+    what = {"dataset": "config", "train": "training config", "evaluate": "evaluation config"}.get(kind, f"{kind} config")
+    return load_settings(model, None, {**data, **(overrides or {})}, what)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
