@@ -118,9 +118,13 @@ def make_prompt_pairs(cfg: RunConfig, run: Path, value_ids: list[str], log=None)
         return counts
     values = [v for v in run_values(cfg, run) if v.id in todo]
     client = LLMClient(cfg.llm, run / "cache" / "llm") if cfg.prompt_source == "llm" else None
-    results = pairs_by_value(cfg, values, run / "cache" / "llm", client)
+    failed: dict[str, LivoError] = {}
+    results = pairs_by_value(cfg, values, run / "cache" / "llm", client, errors=failed)
     empty = None
     for value in values:
+        if value.id in failed:   # its requests failed: the other values' pairs are still saved below
+            empty = empty or failed[value.id]
+            continue
         pairs, rejections = results[value.id]
         if rejections:   # dropped LLM items, kept for inspection
             atomic_write_text(run / "pairs" / f"{value.id}.rejected.jsonl",

@@ -261,6 +261,7 @@ class _ValueState:
         self.rejections: list[dict] = []
         self.asked = 0
         self.stalled = False
+        self.error: LivoError | None = None
         self.dedup = NearDuplicates(threshold)
         self.text: dict[str, str] = {}
         self.attributes = [a for a in value.attributes if a != value.majority_attribute]
@@ -307,8 +308,8 @@ class _ValueState:
             self.pairs.append(PromptPair(value.id, value.kind, item.prompt, aligned, item.prompt, attribute, self.source))
 
 
-def llm_pairs_for_values(values: list[ValuePrinciple], n: int, client: LLMClient, facets: list[str] | None = None
-                         ) -> dict[str, tuple[list[PromptPair], list[dict]]]:
+def llm_pairs_for_values(values: list[ValuePrinciple], n: int, client: LLMClient, facets: list[str] | None = None,
+                         errors: dict[str, LivoError] | None = None) -> dict[str, tuple[list[PromptPair], list[dict]]]:
     """Up to `n` prompt pairs per value, written by the LLM behind `client`: {value id: (pairs, rejections)}.
 
     Planned, not serial: round 1 asks every value's ceil(n / llm.pairs_per_request) requests at once, each for
@@ -317,6 +318,8 @@ def llm_pairs_for_values(values: list[ValuePrinciple], n: int, client: LLMClient
     with new facets, until n pairs, `llm.max_rounds`, or a round that brings nothing new. Items are taken in
     (round, request, item) order whatever order the replies come in, so the same answers (the cache) give
     the same pairs at any concurrency. Each rejection is {"value_id", "reason", "item"}.
+    A request that fails (the endpoint, a reply that never parses) stops only its value: given `errors`, the
+    value's LivoError goes there and the other values are finished; else the first one is raised at the end.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -342,15 +345,26 @@ def llm_pairs_for_values(values: list[ValuePrinciple], n: int, client: LLMClient
             futures = [pool.submit(_ask, client, req) for req in requests]
             try:
                 for req, future in zip(requests, futures):   # request order, not completion order
-                    items, bad = future.result()
-                    states[req.value.id].take(req, items, bad)
+                    st = states[req.value.id]
+                    try:
+                        items, bad = future.result()
+                    except LivoError as e:
+                        st.error = st.error or e   # this value stops; its answered requests stay cached
+                        continue
+                    if st.error is None:
+                        st.take(req, items, bad)
             except BaseException:
                 for f in futures:
                     f.cancel()   # not started yet; those in flight finish (and are cached)
                 raise
             for vid in {r.value.id for r in requests}:
-                states[vid].stalled = len(states[vid].pairs) == before[vid]   # the model has nothing new to offer
-    return {vid: (st.pairs, st.rejections) for vid, st in states.items()}
+                states[vid].stalled = states[vid].error is not None or len(states[vid].pairs) == before[vid]
+    failed = [(vid, st.error) for vid, st in states.items() if st.error is not None]
+    if failed and errors is None:
+        raise failed[0][1]
+    if errors is not None:
+        errors.update(failed)
+    return {vid: (st.pairs, st.rejections) for vid, st in states.items() if st.error is None}
 
 
 def llm_pairs(value: ValuePrinciple, n: int, client: LLMClient) -> tuple[list[PromptPair], list[dict]]:
@@ -364,16 +378,17 @@ def reason_kind(reason: str) -> str:
     return "near duplicate" if reason.startswith("near duplicate") else reason
 
 
-def pairs_by_value(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None, client: LLMClient | None = None
-                   ) -> dict[str, tuple[list[PromptPair], list[dict]]]:
+def pairs_by_value(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None, client: LLMClient | None = None,
+                   errors: dict[str, LivoError] | None = None) -> dict[str, tuple[list[PromptPair], list[dict]]]:
     """{value id: (pairs, rejections)} from cfg.prompt_source (LLM answers cached in cache_dir); a value may get
-    no pair (see no_pairs_error). Rejections are the LLM items that were dropped (none for templates)."""
+    no pair (see no_pairs_error). Rejections are the LLM items that were dropped (none for templates).
+    errors: see llm_pairs_for_values (a value whose requests failed is left out and its error put there)."""
     if cfg.prompt_source == "template":
         seeds = load_seeds(cfg.seeds_file)
         return {v.id: (template_pairs(v, seeds, cfg.prompts_per_value, cfg.seed), []) for v in values}
     from livo_core.llm import LLMClient
 
-    return llm_pairs_for_values(values, cfg.prompts_per_value, client or LLMClient(cfg.llm, cache_dir))
+    return llm_pairs_for_values(values, cfg.prompts_per_value, client or LLMClient(cfg.llm, cache_dir), errors=errors)
 
 
 def no_pairs_error(cfg: RunConfig, value_id: str, rejections: list[dict]) -> LivoError:

@@ -119,9 +119,12 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
         from livo_core.lock import RunLock
         lock = RunLock({str(tmp_path)!r}, purpose="forking holder").acquire()
         child = os.fork()
-        if child == 0:
+        if child == 0:   # Python code runs in the child only after its fork hooks: the flag says they ran
+            open({str(tmp_path / "child-started")!r}, "w").close()
             time.sleep(60)
             os._exit(0)
+        while not os.path.exists({str(tmp_path / "child-started")!r}):   # a loaded machine may schedule it late
+            time.sleep(0.01)
         print(os.getpid(), child, flush=True)
         os._exit(0)
     """)
