@@ -196,6 +196,7 @@ def test_dataset_stats_name_the_dialect_and_show_diversity(prefect_harness, tiny
     assert "## Prompts" in md and "dialect `json_object_schema`" in md and "0 re-asks for malformed JSON" in md
 
 
+@pytest.mark.slow
 def test_kill_mid_llm_stage_then_resume_gives_the_same_pairs_and_resends_nothing(prefect_harness, tiny_config, tmp_path):
     import yaml
 
