@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from livo_core.classifiers import check_classifier_name
 from livo_core.errors import LivoError
 from livo_core.paths import PRESETS_DIR, TOYWORLD_DIR
 from livo_core.secrets import redact, secret_fields
@@ -95,8 +96,11 @@ class RenderConfig(_Strict):
 
 
 class ClassifierChoice(_Strict):
-    name: Literal["nudenet", "clip_concept", "clip_attribute", "toyworld"] = Field(description="Safety classifier.")
+    name: str = Field(description="Safety classifier: a name registered in livo_core.classifiers (nudenet, clip_concept, clip_attribute, toyworld).")
     threshold: float = Field(0.5, ge=0, le=1, description="Score at or above which an image is judged violating (toxicity) or confidently assigned an attribute (bias).")
+
+
+    _registered = field_validator("name")(lambda v: check_classifier_name(v))
 
 
 class JudgeConfig(_Strict):

@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field, field_validator
 
+from livo_core.classifiers import CLASSIFIERS, check_classifier_name
 from livo_core.config import MAX_SEED, LLMConfig, StrictModel, load_settings, multiple_of_8
 from livo_core.errors import LivoError
 from livo_core.files import atomic_write_bytes, atomic_write_text
@@ -76,9 +77,12 @@ class VLMJudgeConfig(StrictModel):
 
 
 class JudgeChoice(StrictModel):
-    name: Literal["nudenet", "clip_concept", "clip_attribute", "toyworld", "vlm"] = Field(description="Classifier of the value's images.")
+    name: str = Field(description="Classifier of the value's images: vlm, or a name registered in livo_core.classifiers "
+                      "(nudenet, clip_concept, clip_attribute, toyworld).")
     threshold: float = Field(0.5, ge=0, le=1, description="Toxicity: flagged when score > threshold. Bias: attribute assigned when confidence >= threshold.")
     vlm: VLMJudgeConfig | None = Field(None, description="With name = vlm: the endpoint and question.")
+
+    _registered = field_validator("name")(lambda v: v if v == "vlm" else check_classifier_name(v))
 
 
 class MethodSpec(StrictModel):
@@ -822,7 +826,7 @@ class Evaluation:
                 from livo_core.llm import LLMClient
 
                 LLMClient((choice.vlm or VLMJudgeConfig()).llm).probe()   # key present, endpoint answering
-            elif name.startswith("clip_"):
+            elif CLASSIFIERS[name].needs_clip:
                 _check_clip_model(self.cfg.clip_model, f"value {vid} is judged by {name}, which")
                 from types import SimpleNamespace
 
@@ -914,7 +918,7 @@ class Evaluation:
                     out[vid] = VLMClassifier(vlm.llm, value, threshold=choice.threshold, question=vlm.question)
                     continue
                 name = choice.name if choice else value.classifier.name
-                if name.startswith("clip_") and clip is None:
+                if CLASSIFIERS[name].needs_clip and clip is None:
                     if not self.cfg.clip_model:
                         raise LivoError(f"value {vid} is judged by {name}: set clip_model (e.g. ViT-L-14 with clip_pretrained = openai)")
                     from livo_core.judge import ClipScorer

@@ -377,24 +377,18 @@ def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, cl
     """
     name = override.name if override else value.classifier.name
     threshold = override.threshold if override else value.classifier.threshold
-    if name.startswith("clip_") and clip is None:
-        raise ValueError(f"classifier {name!r} of value {value.id!r} needs a ClipScorer")
-    for_kind = {"nudenet": "toxicity", "clip_concept": "toxicity", "clip_attribute": "bias"}
-    if name in for_kind and for_kind[name] != value.kind:
-        raise LivoError(f"classifier {name!r} judges {for_kind[name]} values but {value.id!r} is a {value.kind} value: "
-                        f"set judge.classifiers.{value.id}.name to a {value.kind} classifier")
-    if name == "nudenet":
-        return NudeNetClassifier(threshold)
-    if name == "clip_concept":
-        return ClipConceptClassifier(clip, threshold)
-    if name == "clip_attribute":
-        return ClipAttributeClassifier(clip, threshold)
-    if name == "toyworld":
-        from livo_core.toyworld import ToyWorldClassifier  # lazy: only toy-world runs need it
+    from livo_core.classifiers import CLASSIFIERS, classifier_class
 
-        return ToyWorldClassifier(threshold=threshold)
-    raise LivoError(f"unknown safety classifier {name!r} for value {value.id!r}: "
-                    "use nudenet, clip_concept, clip_attribute or toyworld")
+    entry = CLASSIFIERS.get(name)
+    if entry is None:
+        raise LivoError(f"unknown safety classifier {name!r} for value {value.id!r}: use {', '.join(CLASSIFIERS)}")
+    if entry.needs_clip and clip is None:
+        raise ValueError(f"classifier {name!r} of value {value.id!r} needs a ClipScorer")
+    if entry.kind is not None and entry.kind != value.kind:
+        raise LivoError(f"classifier {name!r} judges {entry.kind} values but {value.id!r} is a {value.kind} value: "
+                        f"set judge.classifiers.{value.id}.name to a {value.kind} classifier")
+    cls = classifier_class(name)
+    return cls(clip, threshold) if entry.needs_clip else cls(threshold)
 
 
 # --------------------------------------------------------------------------- the judge

@@ -305,3 +305,37 @@ def test_judge_with_real_clip_classifiers_records_their_scores(judge):
     assert [j.safety_score_1 for j in out] == pytest.approx([v.score for v in scores[3:]])
     for j in out:   # clip_min_score=-1: only the classifier can reject
         assert j.keep == (j.safety_score_0 < 0.5 <= j.safety_score_1)
+
+
+def test_a_new_classifier_is_one_class_and_one_registration_line(monkeypatch):
+    """livo_core.classifiers is the one table: a class anywhere + one entry, and the config, the judge and
+    make_classifier take its name."""
+    import sys
+    import types
+
+    from livo_core.classifiers import CLASSIFIERS, ClassifierEntry
+    from livo_core.config import ClassifierChoice
+    from livo_core.judge import make_classifier
+    from livo_core.values import Classifier, ValuePrinciple
+    from livo_core.verdict import Verdict
+
+    class Always:   # the whole classifier: name, version, threshold, classify
+        name, version = "always", "always-v1"
+
+        def __init__(self, threshold):
+            self.threshold = threshold
+
+        def classify(self, images, value):
+            return [Verdict(score=1.0) for _ in images]
+
+    module = types.ModuleType("livo_test_always")
+    module.Always = Always
+    monkeypatch.setitem(sys.modules, "livo_test_always", module)
+    monkeypatch.setitem(CLASSIFIERS, "always", ClassifierEntry("livo_test_always:Always", "toxicity"))
+    value = ValuePrinciple(id="x-inappropriate", principle="X is inappropriate", kind="toxicity", concept="x",
+                           classifier=Classifier(name="always", threshold=0.3), keywords=["x"])
+    clf = make_classifier(value, None, None)
+    assert isinstance(clf, Always) and clf.threshold == 0.3 and clf.classify([None, None], value)[0].score == 1.0
+    assert ClassifierChoice(name="always").name == "always"
+    with pytest.raises(Exception, match="unknown safety classifier 'nope'"):
+        ClassifierChoice(name="nope")
