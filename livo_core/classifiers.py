@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from livo_core.errors import LivoError
+
 
 @dataclass(frozen=True)
 class ClassifierEntry:
@@ -32,6 +34,18 @@ def classifier_class(name: str):
     """The class registered under `name` (imported now)."""
     module, _, cls = CLASSIFIERS[name].factory.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def entry_for(value, name: str) -> ClassifierEntry:
+    """The registry entry of classifier `name` for `value` (a ValuePrinciple): a LivoError when the name is not
+    registered or the classifier judges the other kind of value. Builds nothing."""
+    entry = CLASSIFIERS.get(name)
+    if entry is None:
+        raise LivoError(f"unknown safety classifier {name!r} for value {value.id!r}: use {', '.join(CLASSIFIERS)}")
+    if entry.kind is not None and entry.kind != value.kind:
+        raise LivoError(f"classifier {name!r} judges {entry.kind} values but {value.id!r} is a {value.kind} value: "
+                        f"set judge.classifiers.{value.id}.name to a {value.kind} classifier")
+    return entry
 
 
 def check_classifier_name(name: str) -> str:

@@ -50,9 +50,10 @@ class ValueEncoder(torch.nn.Module):
         model.train()
         return cls(model)
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "ValueEncoder":
-        """Load a value encoder folder, or the `value_encoder/` inside a training output or checkpoint."""
+    @staticmethod
+    def folder_of(folder: str | Path) -> Path:
+        """The folder holding a value encoder: `folder` itself, or the `value_encoder/` inside a training output
+        or checkpoint (the first whose config.json is a CLIP text model's); a LivoError when there is none."""
         import json
 
         folder = Path(folder)
@@ -61,16 +62,21 @@ class ValueEncoder(torch.nn.Module):
                 config = json.loads((candidate / "config.json").read_text())
             except (OSError, ValueError):
                 continue
-            if not isinstance(config, dict) or config.get("model_type") not in ("clip_text_model", "clip"):
-                continue   # e.g. a dataset run's config.json: not a model
-            try:
-                return cls(CLIPTextModel.from_pretrained(str(candidate)))
-            except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
-                raise LivoError(f"the value encoder in {candidate} cannot be loaded ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); train it again or "
-                                "restore the folder from a checkpoint (checkpoints/step-*/value_encoder)") from None
+            if isinstance(config, dict) and config.get("model_type") in ("clip_text_model", "clip"):
+                return candidate   # (a dataset run's config.json is not a model's)
         raise LivoError(f"no value encoder in {folder}: give a folder holding config.json + model.safetensors "
                         "(a training output's value_encoder/ or a checkpoint)")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "ValueEncoder":
+        """Load a value encoder folder, or the `value_encoder/` inside a training output or checkpoint."""
+        candidate = cls.folder_of(folder)
+        try:
+            return cls(CLIPTextModel.from_pretrained(str(candidate)))
+        except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
+            raise LivoError(f"the value encoder in {candidate} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); train it again or "
+                            "restore the folder from a checkpoint (checkpoints/step-*/value_encoder)") from None
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json + model.safetensors (the ordinary transformers format).

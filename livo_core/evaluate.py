@@ -275,9 +275,7 @@ class Method:
         self.name = spec.name
 
     def _settings(self, p: EvalPrompt) -> dict:
-        inf = self.cfg.inference
-        return dict(steps=p.steps or inf.steps, guidance_scale=inf.guidance_scale if p.guidance_scale is None else p.guidance_scale,
-                    height=p.height or inf.height, width=p.width or inf.width)
+        return prompt_settings(self.cfg, p)
 
     def render(self, p: EvalPrompt) -> Rendered:
         return self.render_many([p])[0]
@@ -350,11 +348,7 @@ def build_methods(cfg: EvalConfig, pipe, values, retriever) -> list[Method]:
     from livo_core.encoder import ValueEncoder
     from livo_core.infer import LiVOPipeline
 
-    if not cfg.methods or cfg.methods[0].kind != "base":
-        raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
-    names = [m.name for m in cfg.methods]
-    if len(set(names)) != len(names):
-        raise LivoError(f"evaluation method names must be unique, got {names}")
+    check_method_list(cfg)
     encoders: dict[str, Any] = {}
 
     def encoder_for(spec: MethodSpec):
@@ -389,6 +383,13 @@ def build_methods(cfg: EvalConfig, pipe, values, retriever) -> list[Method]:
 
 
 # --------------------------------------------------------------------------- storage
+def prompt_settings(cfg: EvalConfig, p: EvalPrompt) -> dict:
+    """A prompt's sampler settings: its row's own, else the evaluation's inference settings."""
+    inf = cfg.inference
+    return dict(steps=p.steps or inf.steps, guidance_scale=inf.guidance_scale if p.guidance_scale is None else p.guidance_scale,
+                height=p.height or inf.height, width=p.width or inf.width)
+
+
 def prompt_key(p: EvalPrompt, settings: dict) -> dict:
     """What shapes one prompt's images beyond its method: text, first seed, resolved per-row settings."""
     return {"prompt": p.prompt, "seed": p.seed, **settings}
@@ -787,12 +788,7 @@ class Evaluation:
 
         cfg = self.cfg
         check_eval_out(self.out)
-        names = [m.name for m in cfg.methods]
-        if not cfg.methods or cfg.methods[0].kind != "base":
-            raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise LivoError(f"evaluation method names must be unique: {', '.join(dup)} given twice; rename one")
+        check_method_list(cfg)
         if cfg.inference.scheduler not in SCHEDULERS:
             raise LivoError(f"unknown scheduler {cfg.inference.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         width = _cross_attention_width(cfg.base_model)
@@ -816,8 +812,7 @@ class Evaluation:
                                 "evaluate into a new --out, or pass --overwrite to render that method again")
 
     def _check_judges(self) -> None:
-        from livo_core.config import ClassifierChoice
-        from livo_core.judge import make_classifier
+        from livo_core.classifiers import entry_for
 
         for vid in sorted({p.judge_value for p in self.prompts if p.judge_value}):
             value, choice = self.values[vid], self.cfg.judges.get(vid)
@@ -826,17 +821,13 @@ class Evaluation:
                 from livo_core.llm import LLMClient
 
                 LLMClient((choice.vlm or VLMJudgeConfig()).llm).probe()   # key present, endpoint answering
-            elif CLASSIFIERS[name].needs_clip:
+            elif entry_for(value, name).needs_clip:   # a registered name judging this kind of value
                 _check_clip_model(self.cfg.clip_model, f"value {vid} is judged by {name}, which")
-                from types import SimpleNamespace
-
-                make_classifier(value, ClassifierChoice(name=name), clip=SimpleNamespace(name=self.cfg.clip_model))   # kind matches
-            else:
-                make_classifier(value, ClassifierChoice(name=name, threshold=choice.threshold) if choice else None, None)
 
     def descriptions(self) -> dict[str, dict]:
         """Per method: everything that shapes its images (the fingerprint is a hash of it)."""
         if self._descriptions is None:
+            from livo_core.encoder import ValueEncoder
             from livo_core.files import content_digest
             from livo_core.models import model_identity, resolve_device
 
@@ -848,7 +839,7 @@ class Evaluation:
             for m in cfg.methods:
                 d = {**common, "method": m.model_dump(mode="json", exclude={"name", "encoder", "unet"})}
                 if m.kind == "livo":
-                    d["encoder"] = content_digest(_encoder_dir(m.encoder or cfg.encoder))[:16]
+                    d["encoder"] = content_digest(ValueEncoder.folder_of(m.encoder or cfg.encoder))[:16]
                     d["values"] = content_digest(Path(cfg.values_file))[:16]
                     d["layout"] = m.layout or cfg.inference.layout
                     d["mix"] = cfg.inference.mix if m.mix is None else m.mix
@@ -944,12 +935,11 @@ class Evaluation:
     def render(self, method: str, prompt_ids: list[str], progress=None) -> int:
         if method not in self.store.fingerprints:
             self.claim(method)
-        todo = [self.by_id[i] for i in prompt_ids]
-        spec = next(m for m in self.cfg.methods if m.name == method)
-        settings = Method(spec, self.cfg, None)._settings
-        if all(self.store.done(method, p, prompt_key(p, settings(p))) for p in todo):
-            if progress is not None:
-                progress.update(len(todo))
+        prompts = [self.by_id[i] for i in prompt_ids]
+        todo = [p for p in prompts if not self.store.done(method, p, prompt_key(p, prompt_settings(self.cfg, p)))]
+        if progress is not None:
+            progress.update(len(prompts) - len(todo))
+        if not todo:   # every image stored: no model is loaded
             return 0
         return render_all([self.methods()[method]], todo, self.store, progress, group=self.cfg.chunk_size)
 
@@ -1004,12 +994,14 @@ def _fingerprint(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _encoder_dir(folder: Path | str | None) -> Path:
-    """The folder holding the value encoder's weights (a training output keeps them in value_encoder/)."""
-    if folder is None:
-        raise LivoError("a livo method needs a value encoder: pass --encoder DIR")
-    folder = Path(folder)
-    return folder if (folder / "config.json").is_file() and not (folder / "value_encoder").is_dir() else folder / "value_encoder"
+def check_method_list(cfg: EvalConfig) -> None:
+    """Base first (the reference of FID and 'unchanged'), every name once."""
+    if not cfg.methods or cfg.methods[0].kind != "base":
+        raise LivoError("the first evaluation method must be kind = base (the reference of FID and 'unchanged images')")
+    names = [m.name for m in cfg.methods]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise LivoError(f"evaluation method names must be unique: {', '.join(dup)} given twice; rename one")
 
 
 def check_eval_out(out: Path) -> None:
@@ -1036,8 +1028,10 @@ def _cross_attention_width(base_model: str) -> int | None:
 def _check_clip_model(name: str | None, who: str) -> None:
     if not name:
         raise LivoError(f"{who} needs clip_model: set clip_model (e.g. ViT-L-14 with clip_pretrained = openai, or local-dir:<folder>)")
-    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
-        raise LivoError(f"clip_model {name}: folder not found; give an existing open_clip folder")
+    if name.startswith("local-dir:"):
+        from livo_core.judge import check_local_clip_dir
+
+        check_local_clip_dir(name, "clip_model")
 
 
 def _check_method(m: MethodSpec, cfg: EvalConfig, values: dict, width: int | None) -> None:

@@ -172,15 +172,16 @@ def make_clip_scorer(model: str, pretrained: str | None = None, device: str = "a
     return ClipScorer(model, pretrained, device=device)
 
 
-def check_local_clip_dir(model: str) -> None:
-    """A `local-dir:` CLIP model must hold open_clip_config.json and weights (a LivoError says which is missing)."""
+def check_local_clip_dir(model: str, field: str = "judge.clip_model") -> None:
+    """A `local-dir:` CLIP model must hold open_clip_config.json and weights (a LivoError says which is missing).
+    field: the config field that names it (in the message)."""
     # open_clip only warns when a local folder has no weights and then judges with random ones.
     folder = model.removeprefix("local-dir:")
     if not os.path.isdir(folder):
-        raise LivoError(f"judge.clip_model folder {folder} does not exist: point judge.clip_model at "
+        raise LivoError(f"{field} folder {folder} does not exist: point {field} at "
                         "local-dir:<open_clip folder> or an open_clip model name")
     if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-        raise LivoError(f"CLIP model folder {folder} has no open_clip_config.json: set judge.clip_model to "
+        raise LivoError(f"CLIP model folder {folder} has no open_clip_config.json: set {field} to "
                         "local-dir:<folder with open_clip_config.json and weights>")
     if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(folder)):
         raise LivoError(f"CLIP model folder {folder} has no weights (.safetensors/.bin/.pth): add "
@@ -377,16 +378,11 @@ def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, cl
     """
     name = override.name if override else value.classifier.name
     threshold = override.threshold if override else value.classifier.threshold
-    from livo_core.classifiers import CLASSIFIERS, classifier_class
+    from livo_core.classifiers import CLASSIFIERS, classifier_class, entry_for
 
-    entry = CLASSIFIERS.get(name)
-    if entry is None:
-        raise LivoError(f"unknown safety classifier {name!r} for value {value.id!r}: use {', '.join(CLASSIFIERS)}")
-    if entry.needs_clip and clip is None:
+    if name in CLASSIFIERS and CLASSIFIERS[name].needs_clip and clip is None:
         raise ValueError(f"classifier {name!r} of value {value.id!r} needs a ClipScorer")
-    if entry.kind is not None and entry.kind != value.kind:
-        raise LivoError(f"classifier {name!r} judges {entry.kind} values but {value.id!r} is a {value.kind} value: "
-                        f"set judge.classifiers.{value.id}.name to a {value.kind} classifier")
+    entry = entry_for(value, name)
     cls = classifier_class(name)
     return cls(clip, threshold) if entry.needs_clip else cls(threshold)
 

@@ -378,6 +378,13 @@ def reason_kind(reason: str) -> str:
     return "near duplicate" if reason.startswith("near duplicate") else reason
 
 
+def rejection_counts(rejections: list[dict]) -> dict[str, int]:
+    """How many items were rejected for each kind of reason."""
+    from collections import Counter
+
+    return dict(Counter(reason_kind(r["reason"]) for r in rejections))
+
+
 def pairs_by_value(cfg: RunConfig, values: list[ValuePrinciple], cache_dir: Path | None, client: LLMClient | None = None,
                    errors: dict[str, LivoError] | None = None) -> dict[str, tuple[list[PromptPair], list[dict]]]:
     """{value id: (pairs, rejections)} from cfg.prompt_source (LLM answers cached in cache_dir); a value may get
@@ -397,9 +404,7 @@ def no_pairs_error(cfg: RunConfig, value_id: str, rejections: list[dict]) -> Liv
         return LivoError(f"no prompt pairs were produced for value {value_id!r}: its templates in "
                          f"{cfg.seeds_file} give no distinct prompts; add slot items or templates")
     if rejections:
-        counts: dict[str, int] = {}
-        for r in rejections:
-            counts[reason_kind(r["reason"])] = counts.get(reason_kind(r["reason"]), 0) + 1
+        counts = rejection_counts(rejections)
         listed = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
         why = f"all {len(rejections)} items were rejected ({listed})"
     else:
@@ -427,11 +432,8 @@ def pair_stats(pairs: list[PromptPair], rejections: list[dict], client: LLMClien
     """What stats.md shows about one value's prompts: diversity, rejections by kind, the LLM's dialect and requests."""
     from livo_core.diversity import diversity
 
-    counts: dict[str, int] = {}
-    for r in rejections:
-        counts[reason_kind(r["reason"])] = counts.get(reason_kind(r["reason"]), 0) + 1
     return {"pairs": len(pairs), "source": pairs[0].source if pairs else None,
-            "diversity": diversity([p.prompt for p in pairs]), "rejected": dict(sorted(counts.items())),
+            "diversity": diversity([p.prompt for p in pairs]), "rejected": dict(sorted(rejection_counts(rejections).items())),
             **({"llm": client.report()} if client is not None else {})}
 
 
