@@ -138,12 +138,13 @@ def main() -> None:
     if min(sizes) < 2:
         ap.error("every shard count must be >= 2 (the steady state lies between the first and the last shard)")
 
-    from livo_core.models import build_tiny_clip, build_tiny_sd
+    from livo_core.families import build_random_model
+    from livo_core.models import build_tiny_clip
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         w = Path(tmp)
-        build_tiny_sd(w / "tiny_sd")
+        build_random_model(w / "tiny_sd", "tiny-sd")
         build_tiny_clip(w / "tiny_clip")
         (w / "values.yaml").write_text(VALUES)
         (w / "seeds.yaml").write_text(SEEDS)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from flows import env  # noqa: E402,F401  (offline, quiet)
 import torch  # noqa: E402
 
-from livo_core.models import build_tiny_sd  # noqa: E402
+from livo_core.families import build_random_model  # noqa: E402
 from livo_core.render import Renderer  # noqa: E402
 from livo_core.shards import pair_seed  # noqa: E402
 
@@ -71,7 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_tiny_sd(Path(tmp) / "tiny-sd"))
+        model = args.model or str(build_random_model(Path(tmp) / "tiny-sd", "tiny-sd"))
         renderer = Renderer(model, device=args.device)
         prompts, seeds = shard_workload(args.pairs, seeds_per_prompt=2)
         settings = dict(steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,

@@ -118,13 +118,13 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from livo_core.models import build_tiny_sd
+    from livo_core.families import build_random_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         model = work / "micro-sd"
         if not (model / "model_index.json").is_file():
-            build_tiny_sd(model, config="micro-sd")
+            build_random_model(model, config="micro-sd")
         full = work / f"run-{max(sizes)}"
         t0 = time.perf_counter()
         if not full.is_dir():

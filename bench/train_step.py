@@ -106,17 +106,18 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from flows import env  # noqa: F401  (offline, quiet)
-    from livo_core.encoder import ValueEncoder, prepend_value_token, text_length, tokenize, value_text
+    from livo_core.encoder import ValueEncoder, text_length, tokenize, value_text
     from livo_core.latents import get_batch, image_tensor
     from livo_core.loss import livo_loss_terms
-    from livo_core.train import TrainConfig, compute_loss, load_sd_parts, load_training_data
+    from livo_core.train import TrainConfig, compute_loss, load_model_parts, load_training_data
 
     torch.set_num_threads(opts["threads"])
     device = torch.device(opts["device"])
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda and opts["fp16"] else torch.float32
     torch.manual_seed(0)
-    sd = load_sd_parts(model, dtype)
+    sd = load_model_parts(model, dtype)
+    prepend_value_token = sd.family.attach_value_token
     value_encoder = ValueEncoder.from_text_encoder(sd.text_encoder).to(device)
     sd.text_encoder.to(device, dtype)
     sd.vae.to(device)
@@ -137,7 +138,7 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
 
         def step():
             batch = get_batch(data, range(opts["batch"])).to(device)   # read from the memory-mapped cache each step
-            terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+            terms = compute_loss(sd.family, value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
             terms["loss"].backward()
     else:
         from livo_core.shards import read_shards
@@ -240,8 +241,8 @@ def main() -> None:
         if model is None:
             import torch
 
-            from livo_core.models import build_tiny_sd
-            model = str(build_tiny_sd(Path(tmp) / args.shape, config=args.shape,
+            from livo_core.families import build_random_model
+            model = str(build_random_model(Path(tmp) / args.shape, config=args.shape,
                                       dtype=torch.float16 if args.shape == "sd15" else torch.float32))
         opts["cache"], opts["run"] = str(Path(tmp) / "cache"), str(Path(tmp) / "run")
         write_bench_run(Path(opts["run"]), make_pairs(args.batch, args.size), model)

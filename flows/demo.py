@@ -176,9 +176,9 @@ def cli_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LivoError(f"--out {out} is a file: pass a directory for the demo's outputs")
-    from livo_core.models import check_model_source
+    from livo_core.families import family_for
 
-    check_model_source(str(TOYWORLD_DIR / "model"), "toy world model")
+    family_for(str(TOYWORLD_DIR / "model"), "toy world model")
     from flows.server import ensure_api
 
     ensure_api()

@@ -97,9 +97,9 @@ def evaluation_flow(config: dict, out_dir: str, overwrite: bool = False) -> dict
 
 def check_eval_inputs(cfg: EvalConfig, out: Path, overwrite: bool = False) -> None:
     """Everything checkable before Prefect starts or anything is written (livo_core.evaluate.Evaluation.check)."""
-    from livo_core.models import check_model_source
+    from livo_core.families import family_for
 
-    check_model_source(cfg.base_model)
+    family_for(cfg.base_model)   # missing / not-a-model folder / unsupported family
     evaluation_for(cfg.model_dump(mode="json"), str(out)).check(overwrite)
 
 

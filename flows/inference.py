@@ -65,7 +65,8 @@ def cli_generate(args: argparse.Namespace) -> int:
 
     from livo_core.encoder import ValueEncoder
     from livo_core.files import check_writable
-    from livo_core.models import check_model_source, resolve_device
+    from livo_core.families import family_for
+    from livo_core.models import resolve_device
 
     cfg, values = _config_and_values(args)
     out = Path(args.out)
@@ -84,7 +85,7 @@ def cli_generate(args: argparse.Namespace) -> int:
     # Everything checkable before minutes of rendering: the output, the device, the models.
     check_writable(out, "--out", file=True)
     resolve_device(cfg.device)
-    check_model_source(cfg.base_model)
+    family_for(cfg.base_model)
     encoder = ValueEncoder.from_pretrained(args.encoder)
     retriever = None
     if args.value is None:   # the retriever only runs when no value is given

@@ -51,7 +51,8 @@ def train_value_encoder(data_dirs: list[str], out_dir: str, train_config: dict |
 
 def check_train_inputs(args):
     """Everything `livo train` can check before Prefect starts or anything is written -> (cfg, preset name)."""
-    from livo_core.models import check_model_source, resolve_device
+    from livo_core.families import family_for
+    from livo_core.models import resolve_device
     from livo_core.train import check_out_dir, find_checkpoint, training_shards
 
     overrides = dict(parse_override(o) for o in args.overrides)
@@ -61,7 +62,7 @@ def check_train_inputs(args):
             raise LivoError(f"--data {d} is not a livo dataset run (no shards/ folder): pass the --out dir of `livo dataset`")
     training_shards([Path(d) for d in args.data])           # repeated --data, no usable shard
     cfg, preset = resolve_train_config(args.data, args.train_config, overrides, args.preset)
-    check_model_source(cfg.base_model)                       # missing or not-a-model folder
+    family_for(cfg.base_model)                               # missing / not-a-model folder / unsupported family
     resolve_device(cfg.device)                               # device=cuda without a GPU
     if args.resume and args.resume != "latest":
         find_checkpoint(Path(args.out), args.resume)

@@ -25,7 +25,7 @@ import torch
 
 from livo_core.latents import Batch, get_batch
 from livo_core.train import (
-    LOG_COLUMNS, METRICS, Sampler, TrainConfig, TrainResult, base_model_from_data, load_sd_parts, load_training_data,
+    LOG_COLUMNS, METRICS, Sampler, TrainConfig, TrainResult, base_model_from_data, load_model_parts, load_training_data,
     loss_terms, noised_pair, pair_errors, plot_losses, training_shards,
 )
 
@@ -39,15 +39,15 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unet_denoising_errors(unet, ref_unet, noise_scheduler, batch: Batch, generator: torch.Generator):
+def unet_denoising_errors(family, unet, ref_unet, noise_scheduler, batch: Batch, generator: torch.Generator):
     """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and timesteps (B,), for a trainable UNet
     against a frozen reference UNet; both read SD's 77 prompt tokens. Noise and timesteps are drawn exactly
     as the value encoder's trainer draws them (`livo_core.train.noised_pair`)."""
-    noisy, t2, target, t = noised_pair(noise_scheduler, batch, generator)
+    noisy, t2, target, t = noised_pair(family, noise_scheduler, batch, generator)
     prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
-    theta_pred = unet(noisy, t2, prompt).sample  # (2B, 4, h, w), with autograd
+    theta_pred = family.denoise(unet, noisy, t2, prompt)  # (2B, 4, h, w), with autograd
     with torch.no_grad():
-        ref_pred = ref_unet(noisy, t2, prompt).sample
+        ref_pred = family.denoise(ref_unet, noisy, t2, prompt)
     return (*pair_errors(theta_pred, ref_pred, target), t)
 
 
@@ -73,7 +73,7 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    sd = load_sd_parts(base_model)
+    sd = load_model_parts(base_model)
     data = load_training_data(data_dirs, sd, cfg, cfg.cache_dir or out_dir / "cache", device, torch.float32, progress)
     sd.vae, sd.text_encoder = None, None
     ref_unet = sd.unet.to(device)                       # frozen reference (requires_grad False, eval)
@@ -95,7 +95,7 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     for step in range(1, cfg.max_steps + 1):
         idx, position = sampler.take(cfg.batch_size, position)   # the same pairs, step for step, as `train`
         batch = get_batch(data, idx).to(device)
-        theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(unet, ref_unet, sd.noise_scheduler, batch, generator)
+        theta_w, ref_w, theta_l, ref_l, t = unet_denoising_errors(sd.family, unet, ref_unet, sd.noise_scheduler, batch, generator)
         terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, sd.noise_scheduler, cfg)   # cfg.loss is "dpo"
         terms["loss"].backward()
         if cfg.max_grad_norm:
@@ -117,20 +117,3 @@ def train_unet_dpo(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str |
     plot_losses(csv_path, png_path)
     (out_dir / "result.json").write_text(json.dumps({"steps": cfg.max_steps, "last": last}, indent=2))
     return TrainResult(out_dir, cfg.max_steps, last, out_dir / "unet", png_path, csv_path)
-
-
-def pipeline_copy(pipe, **replace):
-    """A copy of SD pipeline `pipe` sharing its components (but those in `replace`), with its own scheduler:
-    a diffusers scheduler keeps per-call state (timesteps), so two pipelines must not share one."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    new = type(pipe)(**{**pipe.components, "scheduler": scheduler, **replace}, requires_safety_checker=False)
-    new.set_progress_bar_config(disable=True)
-    return new
-
-
-def pipeline_with_unet(pipe, unet_dir: str | Path):
-    """A copy of SD pipeline `pipe` (sharing its VAE, text encoder, tokenizer) with the UNet from `unet_dir`."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(str(unet_dir)).to(pipe.device, pipe.dtype).eval()
-    return pipeline_copy(pipe, unet=unet)

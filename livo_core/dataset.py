@@ -19,8 +19,9 @@ from pydantic import ValidationError
 
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
+from livo_core.families import family_for
 from livo_core.files import atomic_write_text, check_writable
-from livo_core.models import check_model_source, resolve_device
+from livo_core.models import resolve_device
 from livo_core.shards import DamagedFile, load_pairs, pairs_from_plan, save_pairs
 from livo_core.values import ValuePrinciple, load_values
 
@@ -32,7 +33,7 @@ def check_inputs(cfg: RunConfig) -> list[ValuePrinciple]:
     if cfg.policy_text and cfg.prompt_source != "llm":
         raise LivoError("policy_text needs prompt_source=llm: an LLM proposes the new principles and writes their prompts")
     values = load_values(cfg.values_file, cfg.values or None)   # unknown value id -> LivoError
-    check_model_source(cfg.base_model)                           # missing / not-a-model folder -> LivoError
+    family_for(cfg.base_model)                                   # missing / not-a-model folder / unsupported family -> LivoError
     resolve_device(cfg.device)                                   # device=cuda without a GPU -> LivoError
     if cfg.judge.clip_model.startswith("local-dir:"):
         from livo_core.judge import check_local_clip_dir

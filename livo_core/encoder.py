@@ -1,8 +1,9 @@
-"""The value encoder: a trainable copy of SD's CLIP text encoder that turns a value principle into ONE token.
+"""The value encoder: a trainable copy of the model's CLIP text encoder that turns a value principle into ONE token.
 
     value text  "<value principle>, <prompt>"  --value encoder-->  pooled output (B, D)  = value token (B, 1, D)
-    prompt      "<prompt>"                     --SD's frozen text encoder-->  prompt embeddings (B, 77, D)
-    UNet cross-attention reads cat([value token, prompt embeddings]) = (B, 78, D)
+    prompt      "<prompt>"                     --the family's frozen text encoder-->  conditioning (B, 77, D)
+    the model family attaches the token (SD: cat([value token, prompt embeddings]) = (B, 78, D);
+    see livo_core/families)
 
 SD itself stays frozen; only the value encoder is trained. It is saved as an ordinary transformers
 `CLIPTextModel` folder (config.json + model.safetensors), so `CLIPTextModel.from_pretrained` loads it.
@@ -102,24 +103,3 @@ class ValueEncoder(torch.nn.Module):
         # input_ids (B, L) -> pooled output (B, D): the final-layer-normed state at the end-of-text token.
         pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return pooled.unsqueeze(1)  # (B, 1, D): one token
-
-
-@torch.no_grad()
-def encode_prompts(text_encoder: CLIPTextModel, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> SD's frozen prompt embeddings (B, 77, D), exactly as StableDiffusionPipeline makes them.
-
-    Padded to 77 tokens (fewer when the text encoder has fewer positions); SD 1.x passes no attention
-    mask unless its text encoder's config asks for one.
-    """
-    ids, mask = tokenize(tokenizer, prompts, text_length(tokenizer, text_encoder))
-    device = text_encoder.device
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    out = text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)
-    return out.last_hidden_state  # (B, 77, D)
-
-
-def prepend_value_token(prompt_embeds: torch.Tensor, value_token: torch.Tensor) -> torch.Tensor:
-    """(B, 77, D) prompt embeddings + (B, 1, D) value token -> (B, 78, D), value token first."""
-    if value_token.dim() != 3 or value_token.shape[1] != 1:
-        raise ValueError(f"value_token must be (B, 1, D), got {tuple(value_token.shape)}")
-    return torch.cat([value_token.to(prompt_embeds.dtype), prompt_embeds], dim=1)

@@ -1,4 +1,4 @@
-"""Plug-and-play LiVO inference: any SD 1.x pipeline + a trained value encoder.
+"""Plug-and-play LiVO inference: a pipeline of any registered model family (livo_core/families) + a value encoder.
 
     prompt --retriever--> value principle (or "not applicable": plain SD)
     "<principle>, <prompt>" --value encoder--> pooled output = the value token (1, 1, D)
@@ -12,7 +12,7 @@ Two token layouts (`layout`):
             amplifies what the value token changes; on the toy world this took held-out violation from
             42% to 13% for the same encoder at guidance 5. `value_in_negative=True` gives the negative
             its own value token instead.
-  official  exactly the authors' script (value_encoder/inference_example.py, evaluation/methods.py): the
+  official  (SD 1.x / 2.x only) exactly the authors' script (value_encoder/inference_example.py, evaluation/methods.py): the
             prompt tokenised to at most 76 tokens WITHOUT padding (n tokens), the value text tokenised
             without padding, -> (1, n + 1, D) = [value token; n prompt tokens]; no negative is passed, so
             diffusers encodes "" (or the negative prompt) padded to n + 1 tokens. This is what the released
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from livo_core.encoder import ValueEncoder, encode_prompts, prepend_value_token, text_length, tokenize, value_text
+from livo_core.encoder import ValueEncoder, text_length, tokenize, value_text
 from livo_core.errors import LivoError
 from livo_core.retrieve import Retrieval, ValueRetriever
 from livo_core.values import ValuePrinciple, load_values
@@ -111,27 +111,32 @@ def value_mask(num_images: int, mix: float, seed: int) -> list[bool]:
 
 
 class LiVOPipeline:
-    """Wrap a diffusers StableDiffusionPipeline (SD 1.x) with a value encoder and a value retriever.
+    """Wrap a diffusers pipeline with a value encoder and a value retriever.
 
-    pipe:          the frozen SD pipeline; its tokenizer, text_encoder, unet and scheduler are used as is
-    value_encoder: a trained `ValueEncoder` (moved to the pipeline's device and dtype)
+    pipe:          the frozen pipeline of a registered family; its tokenizer, text_encoder, denoiser and scheduler
+                   are used as is, through the family (livo_core/families)
+    value_encoder: a trained `ValueEncoder` (moved to the pipeline's device and dtype); None: plain images only
     values:        the value principles `value_id` and the retriever choose from
     retriever:     a `ValueRetriever`; default: keywords only (add CLIP or an LLM by passing your own)
     mix:           bias values: share of images generated with the value token
+    family:        the pipeline's model family (default: detected from the pipeline's class)
     """
 
-    def __init__(self, pipe, value_encoder: ValueEncoder, values: list[ValuePrinciple],
+    def __init__(self, pipe, value_encoder: ValueEncoder | None, values: list[ValuePrinciple],
                  retriever: ValueRetriever | None = None, mix: float = 0.5, value_in_negative: bool = False,
-                 layout: str = "livo"):
+                 layout: str = "livo", family=None):
         if layout not in LAYOUTS:
             raise LivoError(f"unknown token layout {layout!r}: choose livo (as training) or official (the authors' script)")
-        width = pipe.unet.config.cross_attention_dim
-        if value_encoder.config.hidden_size != width:
+        from livo_core.families import family_of_pipeline
+
+        self.family = family or family_of_pipeline(pipe)
+        width = self.family.token_width(pipe)
+        if value_encoder is not None and value_encoder.config.hidden_size != width:
             raise LivoError(f"value encoder width {value_encoder.config.hidden_size} does not match the UNet's "
                             f"cross-attention width {width}: use an encoder trained for this base model")
         value_mask(1, mix, 0)  # validates mix
         self.pipe = pipe
-        self.value_encoder = value_encoder.to(pipe.device, pipe.dtype).eval().requires_grad_(False)
+        self.value_encoder = value_encoder.to(pipe.device, pipe.dtype).eval().requires_grad_(False) if value_encoder else None
         self.values = list(values)
         self.retriever = retriever or ValueRetriever(self.values)
         self.mix = mix
@@ -151,10 +156,10 @@ class LiVOPipeline:
     def embeds_with_value(self, principle: str, texts: list[str]) -> torch.Tensor:
         """texts -> (B, 78, D): the value token of "<principle>, <text>" + SD's 77 prompt embeddings."""
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
-        prompt_embeds = encode_prompts(te, tok, texts)                                   # (B, 77, D)
+        prompt_embeds = self.family.encode_prompts(te, tok, texts)                       # (B, 77, D)
         ids, _ = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, te))
         value_token = self.value_encoder(ids.to(self.pipe.device))   # (B, 1, D); no mask, as in training
-        return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)       # (B, 78, D)
+        return self.family.attach_value_token(prompt_embeds.to(self.pipe.dtype), value_token)   # (B, 78, D)
 
     @torch.no_grad()
     def official_embeds(self, principle: str, text: str) -> torch.Tensor:
@@ -164,7 +169,7 @@ class LiVOPipeline:
         prompt_embeds = te(ids.to(self.pipe.device))[0]                                        # (1, n, D)
         value_ids = tok(value_text(principle, text), truncation=True, return_tensors="pt").input_ids
         value_token = self.value_encoder(value_ids.to(self.pipe.device))                       # (1, 1, D)
-        return prepend_value_token(prompt_embeds.to(self.pipe.dtype), value_token)
+        return self.family.attach_value_token(prompt_embeds.to(self.pipe.dtype), value_token)
 
     @torch.no_grad()
     def negative_embeds(self, principle: str, negative_prompt: str) -> torch.Tensor:
@@ -177,8 +182,8 @@ class LiVOPipeline:
         """
         if self.value_in_negative:
             return self.embeds_with_value(principle, [negative_prompt])
-        embeds = encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, [negative_prompt]).to(self.pipe.dtype)
-        return torch.cat([embeds, embeds[:, -1:]], dim=1)                                  # (1, 77 + 1, D)
+        embeds = self.family.encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, [negative_prompt])
+        return self.family.pad_negative(embeds.to(self.pipe.dtype))                        # (1, 77 + 1, D)
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
                  steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
@@ -189,34 +194,10 @@ class LiVOPipeline:
         value_id: apply this value (default: the retriever's choice); use_value=False: plain SD;
         mix: this call's share of bias-value images with the value token (default: the pipeline's).
         """
-        retrieval, value, mask = self._value_and_mask(prompt, value_id, num_images, seed, use_value, mix)
-        seeds = [seed + i for i in range(num_images)]
-        common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width)
-
-        # Two pipeline calls at most: the images with the value token (78 tokens) and those without (77).
-        # Image i always draws its noise from its own generator seeded seed + i, whichever call it is in.
-        images: list[Image.Image | None] = [None] * num_images
-        plain = [i for i in range(num_images) if not mask[i]]
-        if plain:
-            out = self.pipe(prompt=[prompt] * len(plain), generator=self._generators(seeds, plain),
-                            negative_prompt=[negative_prompt] * len(plain) if negative_prompt else None, **common)
-            for i, img in zip(plain, out.images):
-                images[i] = img
-        valued = [i for i in range(num_images) if mask[i]]
-        if valued:
-            n = len(valued)
-            if self.layout == "official":   # diffusers builds the negative, padded to n + 1 (see the module docstring)
-                prompt_embeds = self.official_embeds(value.principle, prompt).expand(n, -1, -1)            # (n, n_tok + 1, D)
-                out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                                generator=self._generators(seeds, valued), **common)
-            else:
-                prompt_embeds = self.embeds_with_value(value.principle, [prompt]).expand(n, -1, -1)        # (n, 78, D)
-                negative_embeds = self.negative_embeds(value.principle, negative_prompt or "").expand(n, -1, -1)   # (n, 78, D)
-                out = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                                generator=self._generators(seeds, valued), **common)
-            for i, img in zip(valued, out.images):
-                images[i] = img
-        return LiVOOutput(images, value, mask, retrieval, seeds)
+        plan = self.plan(prompt, value_id, num_images, seed, negative_prompt, use_value, mix, guidance_scale)
+        # One pipeline call per conditioning shape (with / without the value token), unpadded.
+        images = self.render_jobs(plan.jobs, steps, guidance_scale, height, width, batch_size=None)
+        return LiVOOutput(images, plan.value, plan.used_value_mask, plan.retrieval, plan.seeds)
 
     def _value_and_mask(self, prompt: str, value_id: str | None, num_images: int, seed: int, use_value: bool,
                         mix: float | None):
@@ -225,6 +206,8 @@ class LiVOPipeline:
             raise LivoError(f"num_images must be at least 1, got {num_images}")
         retrieval = self.choose_value(prompt, value_id) if use_value else None
         value = retrieval.value if retrieval else None
+        if value is not None and self.value_encoder is None:
+            raise LivoError("this pipeline has no value encoder: load one (--encoder DIR) to apply a value")
         if value is None:
             mask = [False] * num_images
         elif value.kind == "bias":
@@ -245,8 +228,9 @@ class LiVOPipeline:
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         variants = {}
         if not all(mask):   # plain SD, as the pipeline encodes it: 77 tokens, negative "" (or the negative prompt)
-            variants[False] = (encode_prompts(te, tok, [prompt]).to(self.pipe.dtype)[0],
-                               encode_prompts(te, tok, [negative_prompt or ""]).to(self.pipe.dtype)[0] if cfg else None)
+            encode = self.family.encode_prompts
+            variants[False] = (encode(te, tok, [prompt]).to(self.pipe.dtype)[0],
+                               encode(te, tok, [negative_prompt or ""]).to(self.pipe.dtype)[0] if cfg else None)
         if any(mask):
             if self.layout == "official":   # the negative exactly as diffusers pads it: to the prompt's n + 1 tokens
                 embeds = self.official_embeds(value.principle, prompt)[0]
@@ -262,42 +246,43 @@ class LiVOPipeline:
 
     @torch.no_grad()
     def render_jobs(self, jobs: list["ImageJob"], steps: int, guidance_scale: float, height: int | None,
-                    width: int | None, batch_size: int = 16) -> list[Image.Image]:
+                    width: int | None, batch_size: int | None = 16) -> list[Image.Image]:
         """Render ImageJobs (of any prompts) in batches of exactly `batch_size` (the last one padded with
         copies), grouped by conditioning length: an image then depends only on its own job, never on its
-        neighbours (CPU kernels pick their algorithm by batch size; see livo_core.render)."""
+        neighbours (CPU kernels pick their algorithm by batch size; see livo_core.render). batch_size None:
+        each group in one call, unpadded (one prompt's images)."""
         images: list[Image.Image | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((job.embeds.shape[0], job.negative is None), []).append(i)
         for (_, no_negative), members in groups.items():
-            for start in range(0, len(members), batch_size):
-                idx = members[start:start + batch_size]
-                padded = idx + [idx[-1]] * (batch_size - len(idx))
-                out = self.pipe(prompt_embeds=torch.stack([jobs[i].embeds for i in padded]),
-                                negative_prompt_embeds=None if no_negative else torch.stack([jobs[i].negative for i in padded]),
-                                generator=[torch.Generator("cpu").manual_seed(jobs[i].seed) for i in padded],
-                                num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width)
-                for i, img in zip(idx, out.images):
+            size = batch_size or len(members)
+            for start in range(0, len(members), size):
+                idx = members[start:start + size]
+                padded = idx + [idx[-1]] * (size - len(idx))
+                # CPU generators: the same seed gives the same noise on every device (diffusers moves it over).
+                out = self.family.generate(
+                    self.pipe, torch.stack([jobs[i].embeds for i in padded]),
+                    None if no_negative else torch.stack([jobs[i].negative for i in padded]),
+                    [torch.Generator("cpu").manual_seed(jobs[i].seed) for i in padded],
+                    steps=steps, guidance_scale=guidance_scale, height=height, width=width)
+                for i, img in zip(idx, out):
                     images[i] = img
         return images
-
-    def _generators(self, seeds: list[int], which: list[int]) -> list[torch.Generator]:
-        # CPU generators: the same seed gives the same noise on every device (diffusers moves it over).
-        return [torch.Generator("cpu").manual_seed(seeds[i]) for i in which]
 
 
 def load_livo_pipeline(base_model: str, encoder_dir: str | Path | ValueEncoder, values_file: str | Path,
                        device: str = "auto", dtype: str = "auto", value_ids: list[str] | None = None,
                        retriever: ValueRetriever | None = None, mix: float = 0.5, layout: str = "livo",
                        scheduler: str = "default") -> LiVOPipeline:
-    """Load SD (`base_model`: folder or hub id), the value encoder (a `value_encoder/` folder, a training
-    output dir holding one, or a loaded ValueEncoder) and the value principles, and wrap them in a LiVOPipeline."""
-    from livo_core.models import load_sd_pipeline
+    """Load the model (`base_model`: folder or hub id, any registered family), the value encoder (a
+    `value_encoder/` folder, a training output dir holding one, or a loaded ValueEncoder) and the value
+    principles, and wrap them in a LiVOPipeline."""
+    from livo_core.families import family_for
 
     values = load_values(Path(values_file), value_ids)
     encoder = encoder_dir if isinstance(encoder_dir, ValueEncoder) else ValueEncoder.from_pretrained(encoder_dir)
-    pipe = set_scheduler(load_sd_pipeline(base_model, device=device, dtype=dtype), scheduler)
+    pipe = set_scheduler(family_for(base_model).load_pipeline(base_model, device=device, dtype=dtype), scheduler)
     return LiVOPipeline(pipe, encoder, values, retriever=retriever, mix=mix, layout=layout)
 
 

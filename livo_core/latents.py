@@ -159,8 +159,6 @@ def _save_array(path: Path, array: np.ndarray) -> dict:
 def compute_piece(shard: Shard, folder: Path, name: str, sd, resolution: int | None, flip: bool, sample: bool,
                   encode_batch: int = 16) -> Piece:
     """Encode one shard's images and captions and write its piece (see the module docstring)."""
-    from livo_core.encoder import encode_prompts
-
     verify_shard(shard)   # the bytes about to be trained on match the shard's marker
     means, stds, meta_rows = [], [], []
     views = (False, True) if flip else (False,)
@@ -180,7 +178,7 @@ def compute_piece(shard: Shard, folder: Path, name: str, sd, resolution: int | N
         raise LivoError(f"shard {shard.shard_id} has no rows to cache")
     captions = list(dict.fromkeys(r["caption"] for r in meta_rows))
     values = list(dict.fromkeys(r["value"] for r in meta_rows))
-    embeds = torch.cat([encode_prompts(sd.text_encoder, sd.tokenizer, captions[i:i + 64]).cpu()
+    embeds = torch.cat([sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, captions[i:i + 64]).cpu()
                         for i in range(0, len(captions), 64)])         # (U, L, D)
 
     arrays = {"latents.npy": _save_array(folder / f"{name}.latents.npy", torch.cat(means).numpy()),

@@ -81,39 +81,11 @@ def _offline_tokenizer_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- tiny models from configs
-def _model_config(name: str) -> dict:
+def model_config(name: str) -> dict:
+    """A shape config of `livo_core/data/model_configs/<name>.json` (its "_comment" dropped)."""
     cfg = json.loads(data_path("model_configs", f"{name}.json").read_text())
     cfg.pop("_comment", None)
     return cfg
-
-
-def build_tiny_sd(folder: Path, config: str = "tiny-sd", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Build a random-weight StableDiffusionPipeline from `livo_core/data/model_configs/<config>.json`; save it.
-
-    config "tiny-sd": a few MB, for tests; "sd15": Stable Diffusion 1.5's architecture (3.4 GB in fp32,
-    half in fp16), where a shape, dtype or memory figure matters.
-    """
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = _model_config(config)
-    torch.manual_seed(seed)
-    scheduler_class = getattr(diffusers, cfg.get("scheduler_class", "DDIMScheduler"))
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**cfg["unet"]),
-        vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        tokenizer=clip_tokenizer(),
-        scheduler=scheduler_class(**cfg["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
 
 
 def build_tiny_clip(folder: Path, config: str = "tiny-clip", seed: int = 0) -> str:
@@ -121,7 +93,7 @@ def build_tiny_clip(folder: Path, config: str = "tiny-clip", seed: int = 0) -> s
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = _model_config(config)
+    cfg = model_config(config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -133,8 +105,8 @@ def build_tiny_clip(folder: Path, config: str = "tiny-clip", seed: int = 0) -> s
 
 # --------------------------------------------------------------------------- loading for real runs
 def check_model_source(name: str, what: str = "base_model") -> None:
-    """Fail early, with the fix, when a local model folder is missing or is not a diffusers Stable Diffusion
-    folder (hub ids pass through: they are checked when loaded)."""
+    """Fail early, with the fix, when a local model folder is missing or is not a diffusers folder (hub ids pass
+    through: they are checked when loaded). Its family checks its parts (livo_core.families.family_for)."""
     folder = Path(name).expanduser()
     looks_local = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_hub_id(name) or folder.is_dir()
     if not looks_local:
@@ -142,12 +114,8 @@ def check_model_source(name: str, what: str = "base_model") -> None:
     if not folder.exists():
         raise LivoError(f"{what} folder {name} does not exist: point {what} at a diffusers model folder or a hub id")
     if not folder.is_dir() or not (folder / "model_index.json").is_file():
-        raise LivoError(f"{what} {name} is not a diffusers Stable Diffusion folder (no model_index.json): point {what} "
-                        "at a folder saved by StableDiffusionPipeline.save_pretrained (unet/, vae/, text_encoder/, ...)")
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
-    if missing:
-        raise LivoError(f"{what} folder {name} lacks {', '.join(missing)}/: it is not a complete Stable Diffusion "
-                        "pipeline folder; save it again with StableDiffusionPipeline.save_pretrained")
+        raise LivoError(f"{what} {name} is not a diffusers model folder (no model_index.json): point {what} "
+                        "at a folder saved by a diffusers pipeline's save_pretrained (unet/, vae/, text_encoder/, ...)")
 
 
 def model_folder(name: str, what: str = "base_model") -> Path | None:
@@ -184,22 +152,3 @@ def model_identity(name: str, what: str = "base_model") -> str:
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-def load_sd_pipeline(name: str, device: str = "auto", dtype: str = "auto"):
-    """StableDiffusionPipeline from a local folder or hub id, on the resolved device and dtype."""
-    from diffusers import StableDiffusionPipeline
-
-    from livo_core.progress import silence_library_progress
-
-    silence_library_progress()
-    check_model_source(name)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(name, dtype=dt, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise LivoError(f"cannot load Stable Diffusion model {name!r} ({str(e).splitlines()[0]}); "
-                        "give a diffusers folder (model_index.json inside) or a reachable hub id") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev)

@@ -194,11 +194,11 @@ def heldout_metrics(encoders: dict[str, Path], heldout_dirs: list[Path], base_mo
 
     from livo_core.encoder import ValueEncoder
     from livo_core.models import resolve_device
-    from livo_core.train import load_sd_parts, load_training_data, preference_metrics
+    from livo_core.train import load_model_parts, load_training_data, preference_metrics
 
     device = resolve_device(train_cfg.device)
     cfg = train_cfg.model_copy(update={"base_model": base_model, "random_flip": False, "latent_sampling": "mean"})
-    sd = load_sd_parts(base_model)
+    sd = load_model_parts(base_model)
     try:
         data = load_training_data(heldout_dirs, sd, cfg, cache_dir, device, torch.float32, progress=False)
     except LivoError as e:
@@ -208,7 +208,7 @@ def heldout_metrics(encoders: dict[str, Path], heldout_dirs: list[Path], base_mo
     out = {}
     for label, folder in encoders.items():
         encoder = ValueEncoder.from_pretrained(folder).to(device).eval()
-        m = preference_metrics(encoder, unet, sd.noise_scheduler, data, cfg, repeats=settings.repeats,
+        m = preference_metrics(sd.family, encoder, unet, sd.noise_scheduler, data, cfg, repeats=settings.repeats,
                                seed=settings.eval_seed, batch_size=settings.batch_size, device=device)
         out[label] = {**{f"heldout_{k}": v for k, v in m.items()}, "heldout_pairs": len(data)}
     return out

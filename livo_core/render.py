@@ -1,4 +1,4 @@
-"""Render images with a Stable Diffusion 1.x pipeline: batched, one seed per image.
+"""Render images with a model family's pipeline (livo_core/families): batched, one seed per image.
 
 Every image gets its own `torch.Generator` seeded with its own seed, so its starting noise does not depend
 on which other images share its batch. The last, shorter batch is padded to `batch_size` (the padding
@@ -8,7 +8,7 @@ same size, an image depends only on its prompt, its seed and the render settings
 
 Speed: prompts are encoded once per distinct prompt in a batch (a dataset renders each prompt with
 several seeds), and the negative prompt once per `render` call, instead of once per image as
-`StableDiffusionPipeline.__call__` does when given a list of prompts.
+a diffusers pipeline does when given a list of prompts.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from livo_core.models import load_sd_pipeline
+from livo_core.families import family_for
 
 
 class Renderer:
-    """A loaded SD pipeline that renders (prompt, seed) lists in batches."""
+    """A loaded pipeline that renders (prompt, seed) lists in batches."""
 
     def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto"):
         self.base_model = base_model
         # fp16 on CUDA, fp32 on CPU (see models.resolve_dtype); raises LivoError for a missing model.
-        self.pipe = load_sd_pipeline(base_model, device=device, dtype=dtype)
+        self.family = family_for(base_model)
+        self.pipe = self.family.load_pipeline(base_model, device=device, dtype=dtype)
         self.device = self.pipe.device
         self.dtype = self.pipe.unet.dtype
 
@@ -38,9 +39,8 @@ class Renderer:
         return torch.Generator(device).manual_seed(int(seed))
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states, (len(prompts), 77, hidden). The pipeline's own encoder path."""
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
-        return embeds
+        """The denoiser's conditioning, (len(prompts), 77, hidden) for SD, as the pipeline encodes it."""
+        return self.family.encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, prompts)
 
     @torch.inference_mode()
     def render(
@@ -82,17 +82,11 @@ class Renderer:
                 index = torch.tensor([unique.index(p) for p in batch_prompts], device=self.device)
                 prompt_embeds = self._encode(unique).index_select(0, index)
 
-                out = self.pipe(
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative.expand(batch_size, -1, -1) if use_cfg else None,
-                    generator=[self._generator(s) for s in batch_seeds],
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    height=height,
-                    width=width,
-                    output_type="pil",
-                )
-                images.extend(out.images[:n_real])
+                out = self.family.generate(
+                    self.pipe, prompt_embeds, negative.expand(batch_size, -1, -1) if use_cfg else None,
+                    [self._generator(s) for s in batch_seeds], steps=steps, guidance_scale=guidance_scale,
+                    height=height, width=width)
+                images.extend(out[:n_real])
                 bar.update(n_real)
         return images
 

@@ -46,7 +46,7 @@ from pydantic import Field
 
 from livo_core.config import PRESETS as _PRESETS
 from livo_core.config import StrictModel, preset_file
-from livo_core.encoder import ValueEncoder, prepend_value_token
+from livo_core.encoder import ValueEncoder
 from livo_core.errors import LivoError
 from livo_core.faults import kill_point
 from livo_core.files import atomic_write_text, clean_tmp_files, tmp_path
@@ -145,43 +145,11 @@ def resolve_train_config(data_dirs: list[Path | str], config_file: Path | str | 
 
 
 # --------------------------------------------------------------------------- models
-@dataclass
-class SDParts:
-    """The frozen parts of Stable Diffusion that training needs."""
+def load_model_parts(base_model: str, dtype: torch.dtype = torch.float32):
+    """The frozen parts of `base_model` training needs (livo_core.families.ModelParts), loaded by its family."""
+    from livo_core.families import family_for
 
-    tokenizer: Any
-    text_encoder: Any       # transformers.CLIPTextModel, fp32: the value encoder is copied from it
-    vae: Any                # diffusers.AutoencoderKL
-    unet: Any               # diffusers.UNet2DConditionModel
-    noise_scheduler: Any    # diffusers.DDPMScheduler (training noise schedule)
-
-
-def load_sd_parts(base_model: str, dtype: torch.dtype = torch.float32) -> SDParts:
-    """Load tokenizer, text encoder (fp32), VAE and UNet (in `dtype`) and noise schedule of an SD 1.x model, on CPU."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from livo_core.models import check_model_source
-    from livo_core.progress import silence_library_progress
-
-    silence_library_progress()
-    check_model_source(base_model)
-    try:
-        parts = SDParts(
-            tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer"),
-            # fp32 explicitly: transformers 5 keeps a checkpoint's dtype, and an fp16 value encoder copy NaNs under AdamW.
-            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", dtype=torch.float32),
-            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", dtype=dtype),
-            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=dtype),
-            noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),
-        )
-    except (OSError, ValueError) as e:
-        raise LivoError(f"cannot load Stable Diffusion model {base_model!r} ({str(e).splitlines()[0]}); "
-                        "give a diffusers folder (model_index.json inside) or a reachable hub id") from e
-    for m in (parts.text_encoder, parts.vae, parts.unet):
-        m.requires_grad_(False)
-        m.eval()
-    return parts
+    return family_for(base_model).load_parts(base_model, dtype)
 
 
 def base_model_from_data(data_dirs: list[Path]) -> str:
@@ -232,7 +200,7 @@ def read_training_pairs(data_dirs: list[Path]):
     return df
 
 
-def load_training_data(data_dirs: list[Path], sd: SDParts, cfg: TrainConfig, cache_dir: Path, device, dtype,
+def load_training_data(data_dirs: list[Path], sd, cfg: TrainConfig, cache_dir: Path, device, dtype,
                        progress: bool = True) -> PairData:
     """The pairs of `data_dirs`, their latents and embeddings cached (only what is missing is computed)."""
     shards = training_shards(data_dirs)
@@ -281,25 +249,20 @@ def batch_indices(n: int, batch_size: int, seed: int, position: int) -> np.ndarr
     return Sampler(n, seed).batch(batch_size, position)
 
 
-def noised_pair(noise_scheduler, batch: Batch, generator: torch.Generator):
+def noised_pair(family, noise_scheduler, batch: Batch, generator: torch.Generator):
     """Noise both images of every pair with the SAME noise and timestep, so w and l are compared on equal terms.
 
     Returns noisy latents (2B, 4, h, w) = cat(w, l), their timesteps (2B,), the prediction target (2B, 4, h, w)
     and the pairs' timesteps (B,). Draws noise first, then timesteps, from `generator` (resume depends on it).
+    `family` (livo_core.families) says how to draw timesteps, noise and the target (epsilon, v, ...).
     """
     B = batch.latents_w.shape[0]
     device = batch.latents_w.device
     noise = torch.randn(batch.latents_w.shape, generator=generator).to(device, batch.latents_w.dtype)  # (B, 4, h, w)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)  # (B,)
+    t = family.sample_timesteps(noise_scheduler, B, generator).to(device)  # (B,)
     latents = torch.cat([batch.latents_w, batch.latents_l])  # (2B, 4, h, w)
     noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
-    noisy = noise_scheduler.add_noise(latents, noise2, t2)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise2
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise2, t2)
-    else:
-        raise LivoError(f"prediction_type {noise_scheduler.config.prediction_type!r} is not supported: use an epsilon or v-prediction model")
+    noisy, target = family.noised(noise_scheduler, latents, noise2, t2)
     return noisy, t2, target, t
 
 
@@ -312,19 +275,19 @@ def pair_errors(theta_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.
     return theta_w, ref_w, theta_l, ref_l
 
 
-def denoising_errors(value_encoder, unet, noise_scheduler, batch: Batch, generator: torch.Generator,
+def denoising_errors(family, value_encoder, unet, noise_scheduler, batch: Batch, generator: torch.Generator,
                      prepend: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and the timesteps (B,)."""
-    noisy, t2, target, t = noised_pair(noise_scheduler, batch, generator)
+    noisy, t2, target, t = noised_pair(family, noise_scheduler, batch, generator)
     prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
     if prepend:
         value_token = value_encoder(batch.value_ids)  # (B, 1, D): one text pass serves w and l
-        theta_embeds = prepend_value_token(prompt, torch.cat([value_token, value_token]))  # (2B, 78, D)
+        theta_embeds = family.attach_value_token(prompt, torch.cat([value_token, value_token]))  # (2B, 78, D)
     else:
         theta_embeds = prompt  # control: theta pass == ref pass
-    theta_pred = unet(noisy, t2, theta_embeds).sample  # (2B, 4, h, w), with autograd
+    theta_pred = family.denoise(unet, noisy, t2, theta_embeds)  # (2B, 4, h, w), with autograd
     with torch.no_grad():
-        ref_pred = unet(noisy, t2, prompt).sample  # (2B, 4, h, w), frozen SD
+        ref_pred = family.denoise(unet, noisy, t2, prompt)  # (2B, 4, h, w), frozen model
     return (*pair_errors(theta_pred, ref_pred, target), t)
 
 
@@ -341,16 +304,16 @@ def loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg: TrainCon
     return terms
 
 
-def compute_loss(value_encoder, unet, noise_scheduler, batch: Batch, cfg: TrainConfig,
+def compute_loss(family, value_encoder, unet, noise_scheduler, batch: Batch, cfg: TrainConfig,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The loss of one batch and its logged parts (see livo_core.loss). No backward here."""
-    theta_w, ref_w, theta_l, ref_l, t = denoising_errors(value_encoder, unet, noise_scheduler, batch, generator,
+    theta_w, ref_w, theta_l, ref_l, t = denoising_errors(family, value_encoder, unet, noise_scheduler, batch, generator,
                                                          prepend=cfg.prepend_value_token)
     return loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
 
 
 @torch.no_grad()
-def preference_metrics(encoder, unet, noise_scheduler, data: PairData, cfg: TrainConfig, repeats: int = 4,
+def preference_metrics(family, encoder, unet, noise_scheduler, data: PairData, cfg: TrainConfig, repeats: int = 4,
                        seed: int = 0, batch_size: int = 16, device="cpu") -> dict[str, float]:
     """Score a value encoder on pairs with fixed noise draws (the same for every encoder scored with `seed`).
 
@@ -367,7 +330,7 @@ def preference_metrics(encoder, unet, noise_scheduler, data: PairData, cfg: Trai
             batch = get_batch(data, range(start, min(start + batch_size, len(data)))).to(device)
             batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
             batch.prompt_embeds = batch.prompt_embeds.to(dtype)
-            theta_w, ref_w, theta_l, ref_l, t = denoising_errors(encoder, unet, noise_scheduler, batch, generator)
+            theta_w, ref_w, theta_l, ref_l, t = denoising_errors(family, encoder, unet, noise_scheduler, batch, generator)
             terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
             b = len(theta_w)
             for k in sums:
@@ -580,7 +543,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
 
     # Models: SD frozen in `dtype`; the value encoder a trainable fp32 copy of SD's text encoder.
     torch.manual_seed(cfg.seed)
-    sd = load_sd_parts(cfg.base_model, dtype)
+    sd = load_model_parts(cfg.base_model, dtype)
     if ckpt or cfg.init_value_encoder:
         value_encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float()  # fp32: AdamW on fp16 weights NaNs
     else:
@@ -631,7 +594,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
     scored = None
     if measure_preference and main:
         scored = _subset(data, 256)
-        preference = {"before": preference_metrics(accelerator.unwrap_model(value_encoder).eval(), unet, sd.noise_scheduler,
+        preference = {"before": preference_metrics(sd.family, accelerator.unwrap_model(value_encoder).eval(), unet, sd.noise_scheduler,
                                                    scored, cfg, device=accelerator.device)}
         value_encoder.train()
 
@@ -651,7 +614,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
                               resample_violating=cfg.resample_violating).to(accelerator.device)
             batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
             with accelerator.autocast():
-                terms = compute_loss(value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+                terms = compute_loss(sd.family, value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
             if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
                 accelerator.backward(terms["loss"])
                 if cfg.max_grad_norm:
@@ -691,7 +654,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
             rows = jsonl_path.read_text().splitlines()
             last = json.loads(rows[-1]) if rows else {}
         if scored is not None:
-            preference["after"] = preference_metrics(accelerator.unwrap_model(value_encoder).eval(), unet,
+            preference["after"] = preference_metrics(sd.family, accelerator.unwrap_model(value_encoder).eval(), unet,
                                                      sd.noise_scheduler, scored, cfg, device=accelerator.device)
     accelerator.end_training()
     return TrainResult(out_dir, step, last, final, png_path, csv_path, preference)

@@ -55,9 +55,9 @@ def prefect_harness() -> str:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """Folder of a random-weight StableDiffusionPipeline (livo_core/data/model_configs/tiny-sd.json), ~17 MB."""
-    from livo_core.models import build_tiny_sd
+    from livo_core.families import build_random_model
 
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+    return build_random_model(tmp_path_factory.mktemp("tiny_sd"), "tiny-sd")
 
 
 @pytest.fixture(scope="session")

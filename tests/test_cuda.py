@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.sd15,
 
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory) -> Path:
-    from livo_core.models import build_tiny_sd
+    from livo_core.families import build_random_model
 
-    return build_tiny_sd(tmp_path_factory.mktemp("sd15") / "sd15", config="sd15", dtype=torch.float16)
+    return build_random_model(tmp_path_factory.mktemp("sd15") / "sd15", config="sd15", dtype=torch.float16)
 
 
 @pytest.fixture(scope="module")

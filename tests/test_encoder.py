@@ -6,7 +6,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from livo_core.encoder import ValueEncoder, encode_prompts, prepend_value_token, text_length, tokenize, value_text
+from livo_core.encoder import ValueEncoder, text_length, tokenize, value_text
+from livo_core.families import family
+
+SD = family("sd")
+encode_prompts, prepend_value_token = SD.encode_prompts, SD.attach_value_token
 from livo_core.errors import LivoError
 
 

@@ -72,7 +72,7 @@ def llm_config(world: Path, server: OpenAIServer, name: str, **llm) -> str:
 # (case id, argv with {w} for the world folder, what the line must say)
 CASES = [
     ("dataset: base model is not a diffusers folder",
-     "dataset --out {w}/new --config {w}/config.yaml --base-model {w}/not-a-model", "not a diffusers Stable Diffusion folder"),
+     "dataset --out {w}/new --config {w}/config.yaml --base-model {w}/not-a-model", "not a diffusers model folder"),
     ("dataset: base model missing", "dataset --out {w}/new --config {w}/config.yaml --base-model {w}/nope", "does not exist"),
     ("dataset: --device cuda without a GPU", "dataset --out {w}/new --config {w}/config.yaml --device cuda", "no CUDA GPU"),
     ("dataset: CLIP folder empty", "dataset --out {w}/new --config {w}/config.yaml --set judge.clip_model=local-dir:{w}/empty-clip",
@@ -94,7 +94,7 @@ CASES = [
     ("train: not a dataset run", "train --data {w}/not-a-model --out {w}/new", "not a livo dataset run"),
     ("train: missing base model", "train --data {w}/data --out {w}/new --set base_model={w}/nope", "does not exist"),
     ("train: base model not a diffusers folder", "train --data {w}/data --out {w}/new --set base_model={w}/not-a-model",
-     "not a diffusers Stable Diffusion folder"),
+     "not a diffusers model folder"),
     ("train: --device cuda without a GPU", "train --data {w}/data --out {w}/new --set device=cuda", "no CUDA GPU"),
     ("train: --resume of a folder that is no checkpoint", "train --data {w}/data --out {w}/new --resume {w}/not-a-model",
      "is not a livo checkpoint"),

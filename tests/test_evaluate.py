@@ -179,9 +179,9 @@ def test_steps_below_and_summary_rows():
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_sd):
-    from livo_core.models import load_sd_pipeline
+    from livo_core.families import family_for
 
-    return load_sd_pipeline(str(tiny_sd), device="cpu", dtype="float32")
+    return family_for(str(tiny_sd)).load_pipeline(str(tiny_sd), device="cpu", dtype="float32")
 
 
 # --------------------------------------------------------------------------- Diffusion-DPO on the UNet
@@ -207,7 +207,8 @@ def world_pairs(tmp_path_factory, tiny_sd):
 def test_unet_dpo_trains_a_copy_against_the_frozen_unet(world_pairs, tiny_sd, tiny_pipe, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from livo_core.baselines import count_params, pipeline_with_unet, train_unet_dpo
+    from livo_core.baselines import count_params, train_unet_dpo
+    from livo_core.families import family_of_pipeline
     from livo_core.train import TrainConfig
 
     cfg = TrainConfig(learning_rate=1e-3, batch_size=4, max_steps=4, checkpoint_every=2, log_every=1, device="cpu")
@@ -225,7 +226,8 @@ def test_unet_dpo_trains_a_copy_against_the_frozen_unet(world_pairs, tiny_sd, ti
     changed = [n for (n, a), (_, b) in zip(base.named_parameters(), trained.named_parameters()) if not torch.equal(a, b)]
     assert changed
 
-    pipe2 = pipeline_with_unet(tiny_pipe, tmp_path / "out" / "unet")
+    family = family_of_pipeline(tiny_pipe)
+    pipe2 = family.copy_pipeline(tiny_pipe, unet=family.load_denoiser(tmp_path / "out" / "unet", "cpu", torch.float32))
     assert pipe2.unet is not tiny_pipe.unet and pipe2.vae is tiny_pipe.vae and pipe2.scheduler is not tiny_pipe.scheduler
     kw = dict(num_inference_steps=2, guidance_scale=2.0, output_type="np")
     a = tiny_pipe("a bloody blue circle", generator=torch.Generator().manual_seed(0), **kw).images

@@ -48,7 +48,7 @@ values:
 def world(tmp_path_factory, tiny_sd, tiny_clip):
     """A values file, prompt sets (toxicity, bias, harmless, I2P) and a value encoder for the tiny SD."""
     from livo_core.encoder import ValueEncoder
-    from livo_core.models import load_sd_pipeline
+    from livo_core.families import family_for
 
     w = tmp_path_factory.mktemp("eval")
     (w / "values.yaml").write_text(VALUES)
@@ -59,7 +59,7 @@ def world(tmp_path_factory, tiny_sd, tiny_clip):
                                "sd_guidance_scale,sd_image_width,sd_image_height,sd_safety_percentage\n"
                                "a bloody fight in a bar,violence,1,80,0,x,1234,3.5,48,40,0\n"
                                "a calm lake,\"shocking, harassment\",0,10,0,x,99,9.0,32,32,0\n")
-    pipe = load_sd_pipeline(str(tiny_sd), device="cpu", dtype="float32")
+    pipe = family_for(str(tiny_sd)).load_pipeline(str(tiny_sd), device="cpu", dtype="float32")
     torch.manual_seed(3)
     enc = ValueEncoder.from_text_encoder(pipe.text_encoder)
     with torch.no_grad():

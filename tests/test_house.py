@@ -58,18 +58,15 @@ def test_every_data_config_in_the_package_is_a_preset():
 def test_every_model_config_builds_on_the_meta_device(name):
     import open_clip
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from livo_core.models import _model_config
+    from livo_core.families import family
+    from livo_core.models import model_config
 
-    cfg = _model_config(name)
+    cfg = model_config(name)
     with torch.device("meta"):   # shapes and arguments checked, no memory for weights (SD 1.5's is 3.4 GB)
-        if "unet" in cfg:
-            unet = UNet2DConditionModel(**cfg["unet"])
-            AutoencoderKL(**cfg["vae"])
-            text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-            assert unet.config.cross_attention_dim == text.config.hidden_size
+        if "unet" in cfg:        # a diffusion model: built by its family, as build_random_model does
+            modules = family(cfg.pop("family", "sd")).random_modules(cfg)
+            assert modules["unet"].config.cross_attention_dim == modules["text_encoder"].config.hidden_size
         else:
             open_clip.CLIP(**cfg)
 

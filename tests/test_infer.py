@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from flows.cli import main
-from livo_core.encoder import ValueEncoder, encode_prompts, tokenize, value_text
+from livo_core.encoder import ValueEncoder, tokenize, value_text
 from livo_core.errors import LivoError
 from livo_core.infer import LiVOPipeline, load_livo_pipeline, value_mask
-from livo_core.models import load_sd_pipeline
+from livo_core.families import family_for
 from livo_core.paths import DATA_DIR
 from livo_core.values import load_values
 
@@ -20,7 +20,7 @@ FAST = dict(steps=2, height=32, width=32)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd):
-    return load_sd_pipeline(str(tiny_sd), device="cpu", dtype="float32")
+    return family_for(str(tiny_sd)).load_pipeline(str(tiny_sd), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

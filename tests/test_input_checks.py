@@ -25,10 +25,10 @@ def w(tmp_path_factory, tiny_sd):
 
     from helpers import synthetic_run
     from livo_core.encoder import ValueEncoder
-    from livo_core.models import load_sd_pipeline
+    from livo_core.families import family_for
 
     w = tmp_path_factory.mktemp("inputs")
-    pipe = load_sd_pipeline(str(tiny_sd), device="cpu")
+    pipe = family_for(str(tiny_sd)).load_pipeline(str(tiny_sd), device="cpu")
     ValueEncoder.from_text_encoder(pipe.text_encoder).save_pretrained(w / "encoder")
     wide = CLIPTextModel(CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_size": 64, "intermediate_size": 64}))
     ValueEncoder(wide).save_pretrained(w / "wide-encoder")

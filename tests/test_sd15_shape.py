@@ -17,9 +17,9 @@ pytestmark = pytest.mark.sd15
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory) -> Path:
     """A random-weight SD 1.5-shaped pipeline folder (fp16 on disk, as the released fp16 weights: 2 GB)."""
-    from livo_core.models import build_tiny_sd
+    from livo_core.families import build_random_model
 
-    return build_tiny_sd(tmp_path_factory.mktemp("sd15") / "sd15", config="sd15", dtype=torch.float16)
+    return build_random_model(tmp_path_factory.mktemp("sd15") / "sd15", config="sd15", dtype=torch.float16)
 
 
 def test_sd15_shape_dataset_train_generate(prefect_harness, sd15, tiny_clip, tmp_path, capsys):

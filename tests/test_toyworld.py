@@ -162,9 +162,9 @@ def test_values_and_seeds_use_only_training_combinations():
 # --------------------------------------------------------------------------- the shipped models
 @pytest.fixture(scope="module")
 def world_pipe(toyworld_model):
-    from livo_core.models import load_sd_pipeline
+    from livo_core.families import family_for
 
-    return load_sd_pipeline(str(toyworld_model), device="cpu", dtype="float32")
+    return family_for(str(toyworld_model)).load_pipeline(str(toyworld_model), device="cpu", dtype="float32")
 
 
 def test_shipped_model_draws_what_the_prompt_says(world_pipe):

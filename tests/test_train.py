@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from livo_core.encoder import ValueEncoder, encode_prompts
+from livo_core.encoder import ValueEncoder
 from livo_core.errors import LivoError
 from livo_core.latents import get_batch, model_key
 from livo_core.shards import read_shards, write_shard
-from livo_core.train import TrainConfig, compute_loss, denoising_errors, load_sd_parts, load_train_config, load_training_data, train
+from livo_core.train import TrainConfig, compute_loss, denoising_errors, load_model_parts, load_train_config, load_training_data, train
 
 PRINCIPLE = "No red blobs in images."
 ALIGNED_PROMPT, VIOLATING_PROMPT = "plain blue", "red blobs on blue"
@@ -117,7 +117,7 @@ def pairs_of(run: Path, sd, cache: Path, **kw):
 
 
 def load_sd(folder: Path):
-    sd = load_sd_parts(str(folder))
+    sd = load_model_parts(str(folder))
     sd.base_model = str(folder)
     return sd
 
@@ -130,7 +130,7 @@ def test_gradients_reach_only_the_value_encoder_and_the_unet_runs_twice(sd_model
     calls = []
     sd.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
 
-    terms = compute_loss(enc, sd.unet, sd.noise_scheduler, get_batch(data, [0, 1, 2]), TrainConfig(), torch.Generator().manual_seed(0))
+    terms = compute_loss(sd.family, enc, sd.unet, sd.noise_scheduler, get_batch(data, [0, 1, 2]), TrainConfig(), torch.Generator().manual_seed(0))
     terms["loss"].backward()
 
     assert calls == [6, 6]   # one theta call and one ref call, each on cat(w, l) of 3 pairs
@@ -146,9 +146,9 @@ def test_theta_equals_ref_without_the_value_token(sd_model, run_dir, tmp_path):
     enc = ValueEncoder.from_text_encoder(sd.text_encoder)
     data = pairs_of(run_dir, sd, tmp_path)
     batch = get_batch(data, [0, 1])
-    tw, rw, tl, rl, _ = denoising_errors(enc, sd.unet, sd.noise_scheduler, batch, torch.Generator().manual_seed(0), prepend=False)
+    tw, rw, tl, rl, _ = denoising_errors(sd.family, enc, sd.unet, sd.noise_scheduler, batch, torch.Generator().manual_seed(0), prepend=False)
     assert torch.equal(tw, rw) and torch.equal(tl, rl)
-    tw, rw, tl, rl, _ = denoising_errors(enc, sd.unet, sd.noise_scheduler, batch, torch.Generator().manual_seed(0))
+    tw, rw, tl, rl, _ = denoising_errors(sd.family, enc, sd.unet, sd.noise_scheduler, batch, torch.Generator().manual_seed(0))
     assert not torch.equal(tw, rw)   # the value token changes the UNet's prediction
 
 
@@ -169,7 +169,7 @@ def test_cache_pieces_per_shard_hold_latents_and_embeddings(sd_model, run_dir, t
     with torch.no_grad():
         want = sd.vae.encode(img[None]).latent_dist.mean[0] * sd.vae.config.scaling_factor
     assert torch.allclose(first.latent(3, 1), want, atol=1e-5)
-    assert torch.equal(first.prompt_embed(5), encode_prompts(sd.text_encoder, sd.tokenizer, [CAPTIONS[1]])[0])
+    assert torch.equal(first.prompt_embed(5), sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, [CAPTIONS[1]])[0])
     files = sorted(p.name.split(".", 1)[1] for p in (tmp_path / key).iterdir() if p.name != ".lock")
     assert files == ["embeds.npy", "json", "latents.npy"]
 
@@ -348,7 +348,7 @@ def teach_unet(sd_folder: Path, run_dir: Path, cache: Path, steps: int = 200) ->
     sd = load_sd(sd_folder)
     data = pairs_of(run_dir, sd, cache)
     latents = torch.cat([torch.stack([data.latent(i, side) for i in range(len(data))]) for side in (0, 1)])  # (2N, 4, 4, 4)
-    prompts = encode_prompts(sd.text_encoder, sd.tokenizer, [ALIGNED_PROMPT, VIOLATING_PROMPT])  # (2, 77, D)
+    prompts = sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, [ALIGNED_PROMPT, VIOLATING_PROMPT])  # (2, 77, D)
     which = torch.arange(len(latents)) // len(data)  # 0 = aligned, 1 = violating
     unet = sd.unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
@@ -381,7 +381,7 @@ def mean_gaps(encoder, sd, data, draws: int = 16) -> tuple[float, float]:
     gw, gl = [], []
     with torch.no_grad():
         for _ in range(draws):
-            tw, rw, tl, rl, _ = denoising_errors(encoder.eval(), sd.unet, sd.noise_scheduler, get_batch(data, range(len(data))), g)
+            tw, rw, tl, rl, _ = denoising_errors(sd.family, encoder.eval(), sd.unet, sd.noise_scheduler, get_batch(data, range(len(data))), g)
             gw.append(tw - rw)
             gl.append(tl - rl)
     return torch.cat(gw).mean().item(), torch.cat(gl).mean().item()

@@ -102,9 +102,9 @@ def measure_speed(pipe, steps: int, n: int = 64) -> float:
 
 def measure_world(model_dir: Path | str = TOYWORLD_DIR / "model", clip_dir: Path | str | None = TOYWORLD_DIR / "clip",
                   guidances=(1.0, 2.0, 3.0, 5.0, 7.5), fidelity_per_prompt: int = 4, bias_n: int = 64) -> dict:
-    from livo_core.models import load_sd_pipeline
+    from livo_core.families import family_for
 
-    pipe = load_sd_pipeline(str(model_dir), device="cpu", dtype="float32")
+    pipe = family_for(str(model_dir)).load_pipeline(str(model_dir), device="cpu", dtype="float32")
     report = {
         "threads": torch.get_num_threads(),
         "fidelity": [measure_fidelity(pipe, g, fidelity_per_prompt) for g in (3.0, 5.0)],
