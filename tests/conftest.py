@@ -134,3 +134,13 @@ def tiny_config(tmp_path, tiny_sd, tiny_clip):
 
     return make
 
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for this test: on 2 cores shared with other jobs, 2 threads ran ~10x slower (FINDINGS)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

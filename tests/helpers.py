@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -86,3 +91,81 @@ def trainable_random_run(w: Path, base_model: Path, clip_model: str, subjects: l
             rows = pq.read_table(rejected).drop(["reject_reason"]).to_pylist()
             write_shard(run, shard_id, rows, [], {"value_id": "bloody-inappropriate"})
     return w / "c.yaml"
+
+
+# --------------------------------------------------------------------------- a synthetic training run
+PRINCIPLE = "No red blobs in images."
+ALIGNED_PROMPT, VIOLATING_PROMPT = "plain blue", "red blobs on blue"
+CAPTIONS = [VIOLATING_PROMPT, "red blobs on a blue wall", "blue with red blobs", "red stains on blue"]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def synthetic_pair(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image]:
+    """Aligned: a blue image. Violating: the same with three red blobs. Both with their own pixel noise."""
+    blue = Image.new("RGB", (size, size), (0, 60, 200))
+    red = blue.copy()
+    draw = ImageDraw.Draw(red)
+    for _ in range(3):
+        (x, y), r = rng.integers(0, size, 2), int(rng.integers(size // 5, size // 3))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(230, 0, 0))
+
+    def noisy(img):
+        return Image.fromarray(np.clip(np.asarray(img, np.int16) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8))
+
+    return noisy(blue), noisy(red)
+
+
+def make_run(run_dir: Path, base_model: Path, n_pairs: int = 16, size: int = 32, captions=CAPTIONS, seed: int = 0,
+             shard_id: str = "no-red-00000") -> Path:
+    """A livo dataset run of one complete shard, written with the real shard writer."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_pairs):
+        aligned, violating = synthetic_pair(rng, size)
+        caption = captions[i % len(captions)]
+        rows.append({"jpg_0": _png(aligned), "jpg_1": _png(violating), "label_0": 1.0, "label_1": 0.0,
+                     "caption": caption, "pair_id": f"{seed:08x}{i:08x}", "value": PRINCIPLE, "value_id": "no-red",
+                     "category": "toxicity", "aligned_prompt": ALIGNED_PROMPT, "violating_prompt": caption,
+                     "base_model": str(base_model), "seed_0": i, "seed_1": i})
+    from livo_core.shards import write_shard
+
+    write_shard(run_dir, shard_id, rows, [], {"value_id": "no-red"})
+    (run_dir / "config.json").write_text(json.dumps({"base_model": str(base_model)}))
+    return run_dir
+
+
+# --------------------------------------------------------------------------- Prefect and nightly
+def latest_artifact(key: str, api_url: str | None = None) -> str:
+    """The newest artifact with `key` on the Prefect API (the current one unless `api_url` is given).
+
+    Plain REST: prefect 3.8.8's client sends null offset/filters, which its own server answers with 422.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = (api_url or PREFECT_API_URL.value()).rstrip("/") + "/artifacts/filter"
+    found = httpx.post(url, json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1,
+                                  "offset": 0}, timeout=60).raise_for_status().json()
+    assert found, f"no artifact {key}"
+    return str(found[0]["data"])
+
+
+def small_nightly(world_model, **extra) -> dict:
+    """Overrides for a tiny night on the toy world (its model folder given): one value, 8 candidate pairs, a few
+    training steps."""
+    overrides = {
+        "dataset": {"base_model": str(world_model), "judge": {"clip_model": f"local-dir:{world_model.parent / 'clip'}"},
+                    "values": ["bloody-inappropriate"], "prompts_per_value": 4, "images_per_prompt": 2,
+                    "shard_size": 4, "device": "cpu", "render": {"steps": 10, "batch_size": 16}},
+        "train": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 4, "checkpoint_every": 100, "device": "cpu",
+                  "log_every": 4},
+        "heldout": {"prompts_per_value": 4, "repeats": 2},
+        "promotion": {"metrics": [{"metric": "heldout_loss", "direction": "min", "tolerance": 0.0}]},
+    }
+    overrides.update(extra)
+    return overrides

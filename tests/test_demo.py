@@ -66,7 +66,7 @@ def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path):
     checkpoints = {f"{m}-step-{st:06d}" for m in TRAINED for st in steps}
     assert {p.name for p in (out / "eval" / "images").iterdir()} == set(METHODS) | checkpoints
 
-    from test_ops import latest_artifact   # plain REST: prefect 3.8.8's own client gets a 422 on /artifacts/filter
+    from helpers import latest_artifact   # plain REST: prefect 3.8.8's own client gets a 422 on /artifacts/filter
     for key in ("livo-demo-metrics", "livo-demo-targets", "livo-demo-report"):
         assert latest_artifact(key)
 

@@ -24,7 +24,7 @@ KEY = "sk-proj-Zq8RtW3vYx5Lm0Np7Kc2Hb9Jd4Fg6Ss1"   # shaped like a real key; nev
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_sd, tiny_clip):
     """Everything the cases need, in one folder: configs, a dataset run, a trained encoder, broken inputs."""
-    from test_train import make_run
+    from helpers import make_run
 
     from livo_core.train import TrainConfig, train
 

@@ -32,7 +32,7 @@ def _temporaries(folder: Path) -> list[Path]:
 
 @pytest.fixture
 def two_shard_run(tmp_path, tiny_sd):
-    from test_train import make_run
+    from helpers import make_run
 
     run = make_run(tmp_path / "data", tiny_sd, n_pairs=8)
     make_run(run, tiny_sd, n_pairs=8, seed=5, shard_id="no-red-00001")
@@ -75,7 +75,7 @@ STEPS = ["data", "heldout", "train", "evaluate", "register", "decide", "prune"]
 
 @pytest.mark.slow
 def test_nightly_killed_after_each_step_finishes_each_night_once(prefect_harness, toyworld_model, tmp_path):
-    from test_nightly import small_nightly
+    from helpers import small_nightly
 
     from livo_core.registry import ModelRegistry
 

@@ -48,7 +48,7 @@ def _encoder_sha(folder: Path) -> str:
 
 @pytest.mark.slow
 def test_two_processes_train_disjoint_pairs_write_once_and_resume_exactly(prefect_harness, tiny_sd, tmp_path):
-    from test_train import make_run
+    from helpers import make_run
 
     from livo_core.train import Sampler
 

@@ -14,7 +14,7 @@ from flows.nightly import (
 )
 from livo_core.errors import LivoError
 from livo_core.values import load_values
-from test_ops import one_torch_thread  # noqa: F401  (a fixture)
+from helpers import small_nightly
 
 POLICY_REPLY = {"principles": [{"id": "weapons-inappropriate", "principle": "Weapons are considered inappropriate",
                                 "kind": "toxicity", "concept": "weapons", "attributes": [], "keywords": ["gun", "sword"]}]}
@@ -91,22 +91,6 @@ def test_changed_policy_adds_principles_through_the_llm_and_an_unchanged_one_doe
 
 
 # --------------------------------------------------------------------------- nights on the toy world
-def small_nightly(world_model, **extra) -> dict:
-    """Overrides for a tiny night on the toy world (its model folder given): one value, 8 candidate pairs, a few
-    training steps."""
-    overrides = {
-        "dataset": {"base_model": str(world_model), "judge": {"clip_model": f"local-dir:{world_model.parent / 'clip'}"},
-                    "values": ["bloody-inappropriate"], "prompts_per_value": 4, "images_per_prompt": 2,
-                    "shard_size": 4, "device": "cpu", "render": {"steps": 10, "batch_size": 16}},
-        "train": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 4, "checkpoint_every": 100, "device": "cpu",
-                  "log_every": 4},
-        "heldout": {"prompts_per_value": 4, "repeats": 2},
-        "promotion": {"metrics": [{"metric": "heldout_loss", "direction": "min", "tolerance": 0.0}]},
-    }
-    overrides.update(extra)
-    return overrides
-
-
 def _pair_ids(run) -> set[str]:
     from helpers import shard_rows
 
@@ -116,7 +100,7 @@ def _pair_ids(run) -> set[str]:
 @pytest.mark.slow
 def test_two_nights_render_only_new_shards_and_promote_or_keep_by_the_rule(prefect_harness, toyworld_model, tmp_path,
                                                                           one_torch_thread):
-    from test_ops import latest_artifact
+    from helpers import latest_artifact
 
     from flows.nightly import nightly_flow
     from livo_core.registry import ModelRegistry

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import latest_artifact
 
 from livo_core.errors import LivoError
 from livo_core.lock import RunLock, read_holder
@@ -21,17 +22,6 @@ PY = sys.executable
 PROJECT = Path(__file__).resolve().parent.parent   # the checkout: prefect.yaml, a process worker's working_dir
 # Subprocesses (CLI runs, server, worker) render and train with one torch thread, as the fixture below.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread for this test: on 2 cores shared with other jobs, 2 threads ran ~10x slower (FINDINGS)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _hold_lock_in_subprocess(directory, seconds: float, purpose: str = "holder test") -> subprocess.Popen:
@@ -168,21 +158,6 @@ def _rows_by_pair(run) -> dict[str, tuple]:
         assert r["pair_id"] not in rows
         rows[r["pair_id"]] = (r["shard_id"], r["jpg_0"], r["jpg_1"])
     return rows
-
-
-def latest_artifact(key: str, api_url: str | None = None) -> str:
-    """The newest artifact with `key` on the Prefect API (the current one unless `api_url` is given).
-
-    Plain REST: prefect 3.8.8's client sends null offset/filters, which its own server answers with 422.
-    """
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    url = (api_url or PREFECT_API_URL.value()).rstrip("/") + "/artifacts/filter"
-    found = httpx.post(url, json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1,
-                                  "offset": 0}, timeout=60).raise_for_status().json()
-    assert found, f"no artifact {key}"
-    return str(found[0]["data"])
 
 
 def test_a_failed_shard_is_reported_and_a_retry_rebuilds_only_it(prefect_harness, tiny_config, tmp_path, monkeypatch,
@@ -333,7 +308,7 @@ def test_deployments_on_a_real_server_and_a_nightly_run_picked_up_by_a_worker(pr
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from livo_core.registry import ModelRegistry
-    from test_nightly import small_nightly
+    from helpers import small_nightly
 
     url, env = prefect_server
     # prefect.yaml declares the deployments ...

@@ -30,7 +30,7 @@ def _rows(run: Path) -> list[str]:
 # --------------------------------------------------------------------------- a cache shared by two trainers
 @pytest.mark.slow
 def test_two_trainers_sharing_a_cache_at_once_both_finish_and_the_cache_holds_both(prefect_harness, tiny_sd, tmp_path):
-    from test_train import make_run
+    from helpers import make_run
 
     from livo_core.latents import load_piece
 
@@ -185,7 +185,7 @@ def test_sigterm_stops_dataset_and_train_in_one_line_leaving_no_process_and_both
                        timeout=600, env={**os.environ, **ONE_THREAD, "PREFECT_API_URL": prefect_harness})
     assert r.returncode == 0 and len(complete_shard_ids(run)) == 16, r.stderr[-2000:]
 
-    from test_train import make_run
+    from helpers import make_run
 
     data = make_run(tmp_path / "data", tiny_sd, n_pairs=8)
     out = tmp_path / "train"

@@ -76,3 +76,15 @@ def test_the_library_never_imports_prefect():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in ("prefect", "prefect_dask", "flows")]
     assert not offenders, offenders
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (functions) and tests/conftest.py (fixtures)."""
+    tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    offenders = []
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in tests]
+    assert not offenders, offenders

@@ -21,12 +21,8 @@ from livo_core.encoder import ValueEncoder
 from livo_core.errors import LivoError
 from livo_core.latents import get_batch, model_key
 from livo_core.shards import read_shards, write_shard
+from helpers import ALIGNED_PROMPT, CAPTIONS, PRINCIPLE, VIOLATING_PROMPT, make_run, synthetic_pair  # noqa: F401
 from livo_core.train import TrainConfig, compute_loss, denoising_errors, load_model_parts, load_train_config, load_training_data, train
-
-PRINCIPLE = "No red blobs in images."
-ALIGNED_PROMPT, VIOLATING_PROMPT = "plain blue", "red blobs on blue"
-CAPTIONS = [VIOLATING_PROMPT, "red blobs on a blue wall", "blue with red blobs", "red stains on blue"]
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -35,45 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# --------------------------------------------------------------------------- test data
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def synthetic_pair(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image]:
-    """Aligned: a blue image. Violating: the same with three red blobs. Both with their own pixel noise."""
-    blue = Image.new("RGB", (size, size), (0, 60, 200))
-    red = blue.copy()
-    draw = ImageDraw.Draw(red)
-    for _ in range(3):
-        (x, y), r = rng.integers(0, size, 2), int(rng.integers(size // 5, size // 3))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(230, 0, 0))
-
-    def noisy(img):
-        return Image.fromarray(np.clip(np.asarray(img, np.int16) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8))
-
-    return noisy(blue), noisy(red)
-
-
-def make_run(run_dir: Path, base_model: Path, n_pairs: int = 16, size: int = 32, captions=CAPTIONS, seed: int = 0,
-             shard_id: str = "no-red-00000") -> Path:
-    """A livo dataset run of one complete shard, written with the real shard writer."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n_pairs):
-        aligned, violating = synthetic_pair(rng, size)
-        caption = captions[i % len(captions)]
-        rows.append({"jpg_0": _png(aligned), "jpg_1": _png(violating), "label_0": 1.0, "label_1": 0.0,
-                     "caption": caption, "pair_id": f"{seed:08x}{i:08x}", "value": PRINCIPLE, "value_id": "no-red",
-                     "category": "toxicity", "aligned_prompt": ALIGNED_PROMPT, "violating_prompt": caption,
-                     "base_model": str(base_model), "seed_0": i, "seed_1": i})
-    write_shard(run_dir, shard_id, rows, [], {"value_id": "no-red"})
-    (run_dir / "config.json").write_text(json.dumps({"base_model": str(base_model)}))
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +375,7 @@ def test_learning_separates_aligned_from_violating_and_the_control_learns_nothin
 
 # --------------------------------------------------------------------------- Prefect flow and CLI
 def test_flow_and_cli(prefect_harness, sd_model, run_dir, tmp_path, capsys):
-    from test_ops import latest_artifact   # plain REST: prefect 3.8.8's own client gets a 422 here
+    from helpers import latest_artifact   # plain REST: prefect 3.8.8's own client gets a 422 here
 
     from flows.cli import main
     from flows.training import train_value_encoder
