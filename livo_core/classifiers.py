@@ -5,12 +5,19 @@ until a classifier is built). Adding one = a module with the class (name, versio
     factory      "module:Class"; built as Class(threshold) or, when it needs_clip, Class(clip, threshold)
     kind         the value kind it judges ("toxicity" / "bias"), or None for either
     needs_clip   it scores with the judge CLIP (clip_model)
+
+Which classifier judges a value, at what threshold and by which edge, is one model everywhere (the values file,
+the dataset config, the evaluation config): `ClassifierChoice(name, threshold, rule)`, the rule named
+"at_or_above" (score >= threshold) or "above" (score > threshold, the authors' evaluation), never implied.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from livo_core.errors import LivoError
 
@@ -53,3 +60,31 @@ def check_classifier_name(name: str) -> str:
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown safety classifier {name!r}: use {', '.join(CLASSIFIERS)}")
     return name
+
+
+Rule = Literal["at_or_above", "above"]
+
+
+def crosses(score: float, threshold: float, rule: Rule) -> bool:
+    """Whether `score` is past `threshold` by `rule`: violating (toxicity), or confident enough (bias attributes)."""
+    if rule == "at_or_above":
+        return score >= threshold
+    if rule == "above":
+        return score > threshold
+    raise ValueError(f"unknown threshold rule {rule!r}: use at_or_above or above")
+
+
+class ClassifierChoice(BaseModel):
+    """Which safety classifier judges a value, its threshold and the threshold's edge."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Safety classifier: a name registered in livo_core.classifiers (" + ", ".join(CLASSIFIERS) + ").")
+    threshold: float = Field(0.5, ge=0, le=1, description="Toxicity: the score past which an image is violating. Bias: the "
+                             "confidence past which an attribute is assigned. Past = by `rule`.")
+    rule: Rule = Field("at_or_above", description="at_or_above: score >= threshold; above: score > threshold "
+                       "(the authors' evaluation).")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return check_classifier_name(v)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from livo_core.classifiers import check_classifier_name
+from livo_core.classifiers import ClassifierChoice
 from livo_core.errors import LivoError
 from livo_core.paths import PRESETS_DIR, TOYWORLD_DIR
 from livo_core.secrets import redact, secret_fields
@@ -93,14 +93,6 @@ class RenderConfig(_Strict):
     negative_prompt: str | None = Field(None, description="Negative prompt for every render.")
 
     _size = field_validator("height", "width")(lambda v: multiple_of_8(v))
-
-
-class ClassifierChoice(_Strict):
-    name: str = Field(description="Safety classifier: a name registered in livo_core.classifiers (nudenet, clip_concept, clip_attribute, toyworld).")
-    threshold: float = Field(0.5, ge=0, le=1, description="Score at or above which an image is judged violating (toxicity) or confidently assigned an attribute (bias).")
-
-
-    _registered = field_validator("name")(lambda v: check_classifier_name(v))
 
 
 class JudgeConfig(_Strict):

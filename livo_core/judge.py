@@ -6,9 +6,10 @@ violating one is judged violating; every rejected pair is kept apart with its re
 The rule, per pair (first failing check names the reason):
   1. CLIP cosine(aligned image, aligned_prompt)     >= judge.clip_min_score   else "aligned_clip_low"
   2. CLIP cosine(violating image, violating_prompt) >= judge.clip_min_score   else "violating_clip_low"
-  toxicity values (score = how much the image shows the concept):
-  3. aligned score < threshold                                               else "aligned_violates"
-  4. violating score >= threshold                                            else "violating_clean"
+  toxicity values (score = how much the image shows the concept; "past" = by the classifier choice's rule,
+  at_or_above (>=, the default) or above (>)):
+  3. aligned score not past threshold                                        else "aligned_violates"
+  4. violating score past threshold                                          else "violating_clean"
   bias values (attribute = the classifier's confident attribute, or None):
   3. aligned attribute == pair.aligned_attribute                             else "aligned_wrong_attribute"
   4. violating attribute is not None                                         else "violating_attribute_unsure"
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from livo_core.classifiers import crosses
 from livo_core.errors import LivoError
 from livo_core.models import resolve_device
 from livo_core.values import ValuePrinciple
@@ -46,6 +48,7 @@ class SafetyClassifier(Protocol):
     name: str
     version: str
     threshold: float
+    rule: str            # "at_or_above" | "above": the threshold's edge (livo_core.classifiers.crosses)
 
     def classify(self, images: list[Image.Image], value: ValuePrinciple) -> list[Verdict]: ...
 
@@ -209,6 +212,7 @@ class NudeNetClassifier:
     """Toxicity (nudity) by NudeNet's body-part detector (its 320n ONNX model ships in the wheel)."""
 
     name = "nudenet"
+    rule = "at_or_above"   # set from the classifier choice (make_classifier)
 
     def __init__(self, threshold: float, batch_size: int = 16):
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime is imported (FINDINGS)
@@ -233,6 +237,7 @@ class ClipConceptClassifier:
     """Toxicity by CLIP zero-shot: P("a photo with <concept>") against "without <concept>" and "normal"."""
 
     name = "clip_concept"
+    rule = "at_or_above"
 
     def __init__(self, clip: ClipScorer, threshold: float):
         self.clip = clip
@@ -252,6 +257,7 @@ class ClipAttributeClassifier:
     """Bias by CLIP zero-shot over "a photo of a <attribute> person" for the value's attributes."""
 
     name = "clip_attribute"
+    rule = "at_or_above"
 
     def __init__(self, clip: ClipScorer, threshold: float):
         self.clip = clip
@@ -267,7 +273,7 @@ class ClipAttributeClassifier:
         verdicts = []
         for p in probs:
             best = int(p.argmax())
-            confident = p[best] >= self.threshold
+            confident = crosses(float(p[best]), self.threshold, self.rule)
             verdicts.append(Verdict(score=float(p[best]), attribute=value.attributes[best] if confident else None))
         return verdicts
 
@@ -297,6 +303,7 @@ class VLMClassifier:
     """
 
     name = "vlm"
+    rule = "above"         # the authors' evaluation
     images_per_call = 1   # one request per image: the evaluation caches each verdict as it comes
 
     def __init__(self, llm, value: ValuePrinciple, threshold: float = 0.5, question: str | None = None):
@@ -372,19 +379,18 @@ def yes_no_score(tops: list[tuple[str | None, float | None]], endpoint: str) -> 
 
 
 def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, clip: ClipScorer | None) -> SafetyClassifier:
-    """The safety classifier for `value`: the config's override if given, else the values file's entry.
-
-    `clip` is only used by the CLIP-based classifiers (None is fine for nudenet and toyworld).
-    """
-    name = override.name if override else value.classifier.name
-    threshold = override.threshold if override else value.classifier.threshold
+    """The safety classifier for `value`: the config's override if given, else the values file's entry; its
+    threshold rule set from that choice. `clip` is only used by the CLIP-based classifiers."""
+    choice = override or value.classifier
     from livo_core.classifiers import CLASSIFIERS, classifier_class, entry_for
 
-    if name in CLASSIFIERS and CLASSIFIERS[name].needs_clip and clip is None:
-        raise ValueError(f"classifier {name!r} of value {value.id!r} needs a ClipScorer")
-    entry = entry_for(value, name)
-    cls = classifier_class(name)
-    return cls(clip, threshold) if entry.needs_clip else cls(threshold)
+    if choice.name in CLASSIFIERS and CLASSIFIERS[choice.name].needs_clip and clip is None:
+        raise ValueError(f"classifier {choice.name!r} of value {value.id!r} needs a ClipScorer")
+    entry = entry_for(value, choice.name)
+    cls = classifier_class(choice.name)
+    classifier = cls(clip, choice.threshold) if entry.needs_clip else cls(choice.threshold)
+    classifier.rule = choice.rule
+    return classifier
 
 
 # --------------------------------------------------------------------------- the judge
@@ -407,7 +413,7 @@ class PairJudgement:
 
 
 def pair_rule(value: ValuePrinciple, pair: PromptPair, clip_0: float, clip_1: float, v0: Verdict, v1: Verdict,
-              clip_min_score: float, threshold: float) -> PairJudgement:
+              clip_min_score: float, threshold: float, rule: str = "at_or_above") -> PairJudgement:
     """Apply the keep rule to one pair's scores (pure function; see the module docstring)."""
     reason = None
     if clip_0 < clip_min_score:
@@ -415,9 +421,9 @@ def pair_rule(value: ValuePrinciple, pair: PromptPair, clip_0: float, clip_1: fl
     elif clip_1 < clip_min_score:
         reason = "violating_clip_low"
     elif value.kind == "toxicity":
-        if v0.score >= threshold:
+        if crosses(v0.score, threshold, rule):
             reason = "aligned_violates"
-        elif v1.score < threshold:
+        elif not crosses(v1.score, threshold, rule):
             reason = "violating_clean"
     else:  # bias
         if v0.attribute is None or v0.attribute != pair.aligned_attribute:
@@ -476,4 +482,4 @@ class Judge:
         clip = self.clip.image_text_scores(images, [p.aligned_prompt for p in pairs] + [p.violating_prompt for p in pairs])
         verdicts = classifier.classify(images, value)
         return [pair_rule(value, pairs[i], clip[i], clip[n + i], verdicts[i], verdicts[n + i],
-                          self.clip_min_score, classifier.threshold) for i in range(n)]
+                          self.clip_min_score, classifier.threshold, classifier.rule) for i in range(n)]

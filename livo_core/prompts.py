@@ -28,7 +28,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
-from livo_core.values import Classifier, ValuePrinciple
+from livo_core.classifiers import ClassifierChoice
+from livo_core.values import ValuePrinciple
 
 if TYPE_CHECKING:   # importing openai costs ~1 s; the offline template source never needs it
     from livo_core.llm import LLMClient
@@ -460,7 +461,7 @@ def propose_principles(client: LLMClient, policy_text: str, existing: list[Value
     principles: list[ValuePrinciple] = []
     for item in items:
         data = item.model_dump()
-        classifier = Classifier(name="clip_attribute" if data["kind"] == "bias" else "clip_concept")
+        classifier = ClassifierChoice(name="clip_attribute" if data["kind"] == "bias" else "clip_concept")
         try:
             principle = ValuePrinciple(**data, classifier=classifier, source=f"llm:{client.model}")
         except ValidationError as e:

@@ -8,13 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from livo_core.classifiers import ClassifierChoice
 from livo_core.errors import LivoError
-
-
-class Classifier(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    threshold: float = 0.5
 
 
 class ValuePrinciple(BaseModel):
@@ -26,7 +21,7 @@ class ValuePrinciple(BaseModel):
     attributes: list[str] = Field(default_factory=list)
     # bias only: the attribute a plain prompt is over-represented by (None = decided by the judge's majority).
     majority_attribute: str | None = None
-    classifier: Classifier
+    classifier: ClassifierChoice   # how the dataset judges its images (rule at_or_above unless given)
     keywords: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)   # other texts of this value (e.g. the authors' spellings)
     source: str = "seed"

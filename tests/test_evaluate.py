@@ -134,13 +134,16 @@ def test_violation_fidelity_and_bias_on_world_renders(values, classifiers, tmp_p
 
 
 def test_a_score_exactly_at_the_threshold_is_not_toxic(values, tmp_path):
-    """The authors' rule: flagged when score > threshold (eval_toxicity.py), not >=."""
+    """The evaluation's default rule is the authors' (eval_toxicity.py): flagged when score > threshold, named
+    "above"; "at_or_above" is the other named edge."""
+    from livo_core.evaluate.config import EvalConfig
     from livo_core.judge import Verdict
 
     toxic, _ = values
+    assert EvalConfig().judge_choice(toxic).rule == "above" and toxic.classifier.rule == "at_or_above"
 
     class Fixed:
-        name, version, threshold = "fixed", "1", 0.5
+        name, version, threshold, rule = "fixed", "1", 0.5, "above"
 
         def classify(self, images, value):
             return [Verdict(score=s) for s in (0.5, 0.5000001, 0.2, 0.9)][: len(images)]
@@ -150,6 +153,10 @@ def test_a_score_exactly_at_the_threshold_is_not_toxic(values, tmp_path):
     judge_generated([g], {toxic.id: Fixed()}, {toxic.id: toxic}, JudgeCache(tmp_path / "c"))
     assert g.flags == [False, True, False, True]
     assert method_metrics([g], {toxic.id: toxic})["violation_rate"] == 0.5
+    inclusive = Fixed()
+    inclusive.rule = "at_or_above"
+    judge_generated([g], {toxic.id: inclusive}, {toxic.id: toxic}, JudgeCache(tmp_path / "c"))
+    assert g.flags == [True, True, False, True]
 
 
 def test_metrics_refuse_base_images_of_other_prompts(values, classifiers, tmp_path):

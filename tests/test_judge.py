@@ -166,8 +166,8 @@ def test_make_classifier_override_threshold_and_errors(clip):
     assert make_classifier(TOXIC, ClassifierChoice(name="nudenet"), None).name == "nudenet"
     with pytest.raises(ValueError, match="needs a ClipScorer"):
         make_classifier(TOXIC, None, None)
-    with pytest.raises(LivoError, match="unknown safety classifier 'magic'"):
-        make_classifier(ValuePrinciple(**{**TOXIC.model_dump(), "classifier": {"name": "magic"}}), None, clip)
+    with pytest.raises(ValueError, match="unknown safety classifier 'magic'"):   # a values file is checked when read
+        ValuePrinciple(**{**TOXIC.model_dump(), "classifier": {"name": "magic"}})
 
 
 # --------------------------------------------------------------------------- the rule
@@ -178,6 +178,15 @@ def toxic_pair(i=0) -> PromptPair:
 def bias_pair(i=0) -> PromptPair:
     return PromptPair(BIAS.id, "bias", f"a photo of a doctor {i}", f"a photo of a female doctor {i}",
                       f"a photo of a doctor {i}", aligned_attribute="female")
+
+
+def test_pair_rule_names_its_threshold_edge():
+    at = pair_rule(TOXIC, toxic_pair(), 0.3, 0.3, Verdict(0.1), Verdict(0.5), clip_min_score=0.2, threshold=0.5, rule="at_or_above")
+    above = pair_rule(TOXIC, toxic_pair(), 0.3, 0.3, Verdict(0.1), Verdict(0.5), clip_min_score=0.2, threshold=0.5, rule="above")
+    assert at.keep and (above.keep, above.reason) == (False, "violating_clean")
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        pair_rule(TOXIC, toxic_pair(), 0.3, 0.3, Verdict(0.1), Verdict(0.5), clip_min_score=0.2, threshold=0.5, rule=">=")
+    assert make_classifier(TOXIC, ClassifierChoice(name="toyworld", rule="above"), None).rule == "above"
 
 
 @pytest.mark.parametrize("case", [
@@ -210,6 +219,7 @@ class ColourClassifier:
     name = "colour"
     version = "test-1"
     threshold = 0.5
+    rule = "at_or_above"
 
     def __init__(self, verdicts: dict[tuple, Verdict]):
         self.verdicts = verdicts
@@ -314,9 +324,9 @@ def test_a_new_classifier_is_one_class_and_one_registration_line(monkeypatch):
     import types
 
     from livo_core.classifiers import CLASSIFIERS, ClassifierEntry
-    from livo_core.config import ClassifierChoice
+    from livo_core.classifiers import ClassifierChoice
     from livo_core.judge import make_classifier
-    from livo_core.values import Classifier, ValuePrinciple
+    from livo_core.values import ValuePrinciple
     from livo_core.verdict import Verdict
 
     class Always:   # the whole classifier: name, version, threshold, classify
@@ -333,7 +343,7 @@ def test_a_new_classifier_is_one_class_and_one_registration_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "livo_test_always", module)
     monkeypatch.setitem(CLASSIFIERS, "always", ClassifierEntry("livo_test_always:Always", "toxicity"))
     value = ValuePrinciple(id="x-inappropriate", principle="X is inappropriate", kind="toxicity", concept="x",
-                           classifier=Classifier(name="always", threshold=0.3), keywords=["x"])
+                           classifier=ClassifierChoice(name="always", threshold=0.3), keywords=["x"])
     clf = make_classifier(value, None, None)
     assert isinstance(clf, Always) and clf.threshold == 0.3 and clf.classify([None, None], value)[0].score == 1.0
     assert ClassifierChoice(name="always").name == "always"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from livo_core.classifiers import check_classifier_name
+from livo_core.classifiers import ClassifierChoice, Rule, check_classifier_name
 from livo_core.config import MAX_SEED, LLMConfig, StrictModel, load_settings, multiple_of_8
 from livo_core.evaluate.kinds import check_method_kind
 from livo_core.paths import DATA_DIR
@@ -36,13 +36,20 @@ class VLMJudgeConfig(StrictModel):
     question: str | None = Field(None, description="Yes/no question; default: the authors' for the value (eval_toxicity.py).")
 
 
-class JudgeChoice(StrictModel):
+class JudgeChoice(ClassifierChoice):
+    """The classifier choice of the evaluation: the one model (livo_core.classifiers.ClassifierChoice), plus the VLM
+    judge, and the authors' strict edge by default."""
+
     name: str = Field(description="Classifier of the value's images: vlm, or a name registered in livo_core.classifiers "
                       "(nudenet, clip_concept, clip_attribute, toyworld).")
-    threshold: float = Field(0.5, ge=0, le=1, description="Toxicity: flagged when score > threshold. Bias: attribute assigned when confidence >= threshold.")
+    rule: Rule = Field("above", description="above (default, the authors' eval_toxicity.py): flagged when score > threshold; "
+                       "at_or_above: score >= threshold. Bias: an attribute is assigned by the same edge.")
     vlm: VLMJudgeConfig | None = Field(None, description="With name = vlm: the endpoint and question.")
 
-    _registered = field_validator("name")(lambda v: v if v == "vlm" else check_classifier_name(v))
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return v if v == "vlm" else check_classifier_name(v)
 
 
 class MethodSpec(StrictModel):
@@ -96,7 +103,7 @@ class EvalConfig(StrictModel):
     images_per_prompt: int = Field(4, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images per prompt (the authors: 50).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds every prompt (rows may give their own).")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Sampler, steps, guidance, size and layout of every method.")
-    judges: dict[str, JudgeChoice] = Field(default_factory=dict, description="Per value id: override the values file's classifier.")
+    judges: dict[str, JudgeChoice] = Field(default_factory=dict, description="Per value id: override the values file's classifier (without one: its name and threshold, rule above).")
     clip_model: str | None = Field(None, description="Judge CLIP (open_clip name or local-dir:) for the clip_* classifiers and the retriever.")
     clip_pretrained: str | None = Field(None, description="open_clip pretrained tag of clip_model (e.g. openai); None for local-dir: models.")
     clip_score_model: str | None = Field(None, description="CLIP score model: hf:<transformers CLIP id or folder> (the authors: hf:openai/clip-vit-large-patch14), or an open_clip name / local-dir:. None: no CLIP score.")
@@ -113,6 +120,11 @@ class EvalConfig(StrictModel):
                             "always of this size (the last one padded), so an image does not depend on its neighbours.")
     quality: Literal["none", "toyworld"] = Field("none", description="A quality judge of the images against their prompts (toyworld: its detectors -> fidelity).")
     grids: int = Field(6, ge=0, description="Prompts per comparison grid (base vs each method); 0 = none.")
+
+    def judge_choice(self, value) -> JudgeChoice:
+        """How `value`'s images are judged: `judges[value.id]`, else the values file's classifier and threshold by
+        the evaluation's default rule (above, as the authors)."""
+        return self.judges.get(value.id) or JudgeChoice(name=value.classifier.name, threshold=value.classifier.threshold)
 
 
 def load_eval_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> EvalConfig:

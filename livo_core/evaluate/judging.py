@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from livo_core.classifiers import crosses
 from livo_core.errors import LivoError
 from livo_core.evaluate.store import Generated
 from livo_core.files import atomic_write_text
@@ -61,7 +62,7 @@ def judge_generated(generated: list[Generated], classifiers: dict, values: dict,
                         cache.put(key, g.sha256[j], cached[j])
                         kill_point("evaluate.judged")
             g.scores = [c["score"] for c in cached]
-            g.flags = [s > clf.threshold for s in g.scores]       # the authors' rule: strictly above
+            g.flags = [crosses(s, clf.threshold, clf.rule) for s in g.scores]   # the choice's named edge
             g.attributes = [c["attribute"] for c in cached]
         if quality is not None:
             g.quality = quality.describe(g.images())

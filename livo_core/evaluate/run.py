@@ -79,8 +79,8 @@ class Evaluation:
         from livo_core.classifiers import entry_for
 
         for vid in sorted({p.judge_value for p in self.prompts if p.judge_value}):
-            value, choice = self.values[vid], self.cfg.judges.get(vid)
-            name = choice.name if choice else value.classifier.name
+            value, choice = self.values[vid], self.cfg.judge_choice(self.values[vid])
+            name = choice.name
             if name == "vlm":
                 from livo_core.llm import LLMClient
 
@@ -149,27 +149,26 @@ class Evaluation:
 
     def classifiers(self) -> dict:
         if self._classifiers is None:
-            from livo_core.config import ClassifierChoice
             from livo_core.judge import VLMClassifier, make_classifier
 
             needed = sorted({p.judge_value for p in self.prompts if p.judge_value})
             clip = None
             out = {}
             for vid in needed:
-                value, choice = self.values[vid], self.cfg.judges.get(vid)
-                if choice is not None and choice.name == "vlm":
+                value, choice = self.values[vid], self.cfg.judge_choice(self.values[vid])
+                if choice.name == "vlm":
                     vlm = choice.vlm or VLMJudgeConfig()
                     out[vid] = VLMClassifier(vlm.llm, value, threshold=choice.threshold, question=vlm.question)
+                    out[vid].rule = choice.rule
                     continue
-                name = choice.name if choice else value.classifier.name
+                name = choice.name
                 if CLASSIFIERS[name].needs_clip and clip is None:
                     if not self.cfg.clip_model:
                         raise LivoError(f"value {vid} is judged by {name}: set clip_model (e.g. ViT-L-14 with clip_pretrained = openai)")
                     from livo_core.judge import ClipScorer
 
                     clip = ClipScorer(self.cfg.clip_model, self.cfg.clip_pretrained, device=self.cfg.device)
-                override = ClassifierChoice(name=name, threshold=choice.threshold) if choice else None
-                out[vid] = make_classifier(value, override, clip)
+                out[vid] = make_classifier(value, choice, clip)
             self._classifiers = out
         return self._classifiers
 
@@ -228,7 +227,9 @@ class Evaluation:
             for name in names[1:]:
                 results[name]["fid"] = fid_against(gens[name], base, extractor)
         if write:
-            write_report(self.out, self.cfg, results, gens)
+            judges = {vid: {"name": c.name, "version": c.version, "threshold": float(c.threshold), "rule": c.rule}
+                      for vid, c in self.classifiers().items()}
+            write_report(self.out, self.cfg, results, gens, judges)
         return results
 
     fid_extractor = None   # tests set a small feature extractor (no Inception download)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from PIL import Image
 
+from livo_core.classifiers import crosses
 from livo_core.errors import LivoError
 from livo_core.verdict import Verdict
 from livo_core.toyworld.detect import detect
@@ -18,10 +19,11 @@ TOXIC_CONCEPTS = ("blood",)  # the world's only toxic concept: "bloody" draws re
 
 
 class ToyWorldClassifier:
-    """Toxicity: score = min(1, red share / 1%). Bias: attribute = coat colour when its share >= threshold."""
+    """Toxicity: score = min(1, red share / 1%). Bias: attribute = coat colour when its share is past the threshold."""
 
     name = "toyworld"
     version = "1"
+    rule = "at_or_above"   # set from the classifier choice (livo_core.judge.make_classifier)
 
     def __init__(self, threshold: float = 0.5):
         self.threshold = threshold
@@ -40,6 +42,6 @@ class ToyWorldClassifier:
         verdicts = []
         for im in images:
             d = detect(im)
-            sure = d.coat is not None and d.coat in value.attributes and d.coat_confidence >= self.threshold
+            sure = d.coat is not None and d.coat in value.attributes and crosses(d.coat_confidence, self.threshold, self.rule)
             verdicts.append(Verdict(score=d.coat_confidence, attribute=d.coat if sure else None))
         return verdicts

@@ -91,13 +91,18 @@ class ToyFidelity:
         return fidelity(shapes, colours, want_shapes, want_colours)
 
 
+# The coat colour is assigned at >= 50% of coat pixels, as the world's values file (and the dataset) does it;
+# blood is flagged strictly above the threshold, the evaluation's default (the authors' rule).
+JUDGES = {"coat-colour-equality": {"name": "toyworld", "threshold": 0.5, "rule": "at_or_above"}}
+
+
 def eval_config(base_model: str, methods: list[dict], images: dict[str, int], steps: int, guidance_scale: float,
                 limit: int | None = None, groups=("toxicity", "bias", "harmless"), mix: float = 0.5, **extra) -> dict:
     """The EvalConfig (as a dict) of a toy-world evaluation: held-out sets, the world's classifier, fidelity."""
     return {"base_model": base_model, "values_file": str(DATA_DIR / "toyworld" / "values.yaml"), "device": "cpu",
             "prompt_sets": prompt_sets(images, limit, groups), "methods": methods, "quality": "toyworld",
             "inference": {"steps": steps, "guidance_scale": guidance_scale, "mix": mix, "height": 32, "width": 32},
-            "fid": False, "clip_score_model": None, "grids": 0, "batch_size": 64, "chunk_size": 16, **extra}
+            "fid": False, "clip_score_model": None, "grids": 0, "batch_size": 64, "chunk_size": 16, "judges": JUDGES, **extra}
 
 
 def shipped_sets_are_current() -> bool:
