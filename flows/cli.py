@@ -173,7 +173,12 @@ def cli_config(args: argparse.Namespace) -> int:
     else:
         from flows.nightly import NightlyConfig as model
     overrides = dict(parse_override(o) for o in args.overrides)
-    cfg = load_job_config(model, args.kind, args.config, args.preset, overrides)
+    if args.kind == "nightly":   # its train section starts from the base model's training preset
+        from livo_core.nightly import load_nightly_config
+
+        cfg = load_nightly_config(args.config, overrides, args.preset)
+    else:
+        cfg = load_job_config(model, args.kind, args.config, args.preset, overrides)
     print(format_config(cfg, f"livo {args.kind} config (preset: {args.preset or 'none'}; defaults, then --preset, "
                              f"--config, --set)"), end="")
     return 0

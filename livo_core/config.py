@@ -248,10 +248,13 @@ def preset_file(kind: str, name: str) -> Path:
 
 
 def load_job_config(model: type[BaseModel], kind: str, path: Path | str | None = None, preset: str | None = None,
-                    overrides: dict[str, Any] | None = None):
-    """The one way a job's config is built: preset < config file < dotted overrides (sections merge key by key);
-    relative paths follow the module docstring's rule. Returns a validated `model` or raises a LivoError."""
-    data: dict[str, Any] = _read_file(preset_file(kind, preset)) if preset else {}
+                    overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None):
+    """The one way a job's config is built: base < preset < config file < dotted overrides (sections merge key by
+    key); relative paths follow the module docstring's rule. Returns a validated `model` or raises a LivoError.
+    base: defaults of this run beneath everything (the nightly's train section: its model's training preset)."""
+    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if preset:
+        _deep_merge(data, _read_file(preset_file(kind, preset)))
     if path:
         _deep_merge(data, _read_file(Path(path)))
     what = {"dataset": "config", "train": "training config", "evaluate": "evaluation config"}.get(kind, f"{kind} config")

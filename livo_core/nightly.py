@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from livo_core.config import RunConfig, StrictModel, load_settings
+from livo_core.config import RunConfig, StrictModel
 from livo_core.errors import LivoError
 from livo_core.registry import MetricRule, PromotionRule
 from livo_core.train import TrainConfig
@@ -41,8 +41,8 @@ class NightlyConfig(_Strict):
     """Everything one night does. Defaults: the toy world, template prompts, warm start, the default rule."""
 
     dataset: RunConfig = Field(default_factory=RunConfig, description="Tonight's dataset config; its seed is the base seed (night N uses seed + N).")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=1e-4, max_steps=200, batch_size=16, checkpoint_every=100),
-                               description="Training config of every night's candidate.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training config of every night's candidate, over the "
+                               "training preset its base model declares (the toy world's: train-toyworld.toml).")
     warm_start: bool = Field(True, description="Start tonight's encoder from production (if any) instead of a copy of SD's text encoder.")
     policy_file: Path | None = Field(None, description="A short policy text; when its hash changes, an LLM proposes new value principles from it (needs dataset.prompt_source=llm).")
     new_principles: int = Field(3, ge=1, le=10, description="At most this many principles proposed per policy change.")
@@ -61,9 +61,19 @@ class NightlyConfig(_Strict):
         return self
 
 
-def load_nightly_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> NightlyConfig:
-    """Config file (optional .toml/.yaml/.json) + dotted overrides -> NightlyConfig, or a LivoError naming the field."""
-    return load_settings(NightlyConfig, path, overrides, "nightly config")
+def load_nightly_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None,
+                        preset: str | None = None) -> NightlyConfig:
+    """Config file (optional .toml/.yaml/.json) + dotted overrides -> NightlyConfig, or a LivoError naming the field.
+
+    The train section starts from the training preset the base model's folder declares (`livo_core.train.preset_for`:
+    the toy world's recipe for the toy world), as `livo train` and the training deployment resolve it."""
+    from livo_core.config import load_job_config
+    from livo_core.train import load_train_config, preset_for
+
+    plain = load_job_config(NightlyConfig, "nightly", path, preset, overrides)
+    recipe = load_train_config(preset=preset_for(plain.train.base_model or plain.dataset.base_model))
+    base = {"train": recipe.model_dump(mode="json", exclude_unset=True)}
+    return load_job_config(NightlyConfig, "nightly", path, preset, overrides, base=base)
 
 
 # --------------------------------------------------------------------------- plain steps (no Prefect)

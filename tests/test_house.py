@@ -166,3 +166,18 @@ def test_a_built_wheel_runs_the_readme_job_from_an_unrelated_folder(tmp_path):
     show = subprocess.run([sys.executable, "-m", "flows.cli", "config", "show", "dataset"], cwd=work, env=env,
                           capture_output=True, text=True, check=True).stdout
     assert f"values_file = \"{target}" in show
+
+
+def test_one_toy_recipe_for_train_the_demo_and_the_nightly():
+    """The nightly's train section starts from the preset its base model declares, as livo train and the demo do."""
+    from livo_core.nightly import load_nightly_config
+    from livo_core.train import load_train_config
+
+    toy = load_train_config(preset="toyworld")
+    night = load_nightly_config().train
+    assert (night.max_steps, night.learning_rate, night.beta, night.lr_scheduler) == \
+        (toy.max_steps, toy.learning_rate, toy.beta, toy.lr_scheduler) == (400, 8e-3, 30.0, "cosine")
+    assert load_nightly_config(overrides={"train.max_steps": 7}).train.max_steps == 7   # overrides still win
+    published = load_train_config(preset="published")
+    other = load_nightly_config(overrides={"dataset.base_model": "someone/sd-model"}).train   # declares no preset
+    assert (other.max_steps, other.learning_rate) == (published.max_steps, published.learning_rate)
