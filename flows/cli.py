@@ -171,7 +171,7 @@ def cli_config(args: argparse.Namespace) -> int:
     elif args.kind == "evaluate":
         from livo_core.evaluate import EvalConfig as model
     else:
-        from flows.nightly import NightlyConfig as model
+        from livo_core.nightly import NightlyConfig as model
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.kind == "nightly":   # its train section starts from the base model's training preset
         from livo_core.nightly import load_nightly_config
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {
             "train": ("flows.training", "cli_train"),
             "import-livo-data": ("flows.training", "cli_import_livo_data"),
-            "export": ("flows.dataset", "cli_export"),
+            "export": ("flows.export", "cli_export"),
             "evaluate": ("flows.evaluation", "cli_evaluate"),
             "retrieve": ("flows.inference", "cli_retrieve"),
             "generate": ("flows.inference", "cli_generate"),

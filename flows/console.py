@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ import sys
 import warnings
 
 from livo_core.errors import LivoError
+from livo_core.files import os_error_line
 from livo_core.secrets import redact
 
 _state = {"verbose": False, "hint": "", "signal": None}
@@ -90,19 +90,6 @@ def find_livo_error(exc: BaseException) -> LivoError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def os_error_line(e: OSError) -> str:
-    """A filesystem fault as `<problem>; <fix>`."""
-    where = f" {e.filename}" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device writing{where}; free some space, then run the command again "
-                "(`livo resume RUN` finishes a dataset, `livo train ... --resume latest` a training; finished work is kept)")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write{where} ({e.strerror}); choose a writable --out folder or fix its permissions"
-    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        return f"cannot create{where} ({e.strerror}): a file is in the way; choose another --out or remove that file"
-    return f"{e.strerror or type(e).__name__}{where}; check the path and the disk, then run the command again"
 
 
 def report(exc: BaseException) -> int:

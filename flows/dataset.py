@@ -16,7 +16,6 @@ tasks get the config as a dict and the run dir as a string, which Prefect can ha
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -31,8 +30,8 @@ from livo_core.errors import LivoError
 from livo_core.lock import RunLock
 from livo_core.progress import Progress
 from livo_core.dataset import (  # noqa: F401  (check_inputs, read_run_config, load_models: re-exported)
-    BUILD_LOCK, check_inputs, check_run_dir, load_models, make_prompt_pairs, prepare_run_dir, propose_run_principles,
-    read_run_config, remove_if_nothing_made, run_values, write_stats,
+    BUILD_LOCK, DISK_ERRNOS, check_inputs, check_run_dir, failed_markdown, load_models, make_prompt_pairs, prepare_run_dir,
+    propose_run_principles, read_run_config, remove_if_nothing_made, run_outcome, run_values, shard_row, write_stats,
 )
 from livo_core.shards import (
     build_shard, clean_partial, damaged_shards, discard_shard, is_complete, load_pairs, migrate_legacy_plan,
@@ -60,9 +59,6 @@ def _shard_key(context, params: dict) -> str:
 
 
 # Faults that retrying cannot fix, and that would fail every later shard too: the run stops with one line.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
 def _retry_unless_user_error(task, task_run, state) -> bool:
     # A LivoError is bad input and a full disk stays full: retrying cannot fix them. Anything else may be transient.
     try:
@@ -70,7 +66,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     except LivoError:
         return False
     except OSError as e:
-        return e.errno not in _DISK_ERRNOS
+        return e.errno not in DISK_ERRNOS
     except Exception:
         return True
     return True
@@ -173,19 +169,10 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
     if failed:
         from prefect.artifacts import create_markdown_artifact
 
-        listed = "".join(f"| {r['shard']} | {r['error']} |\n" for r in failed)
-        create_markdown_artifact(
-            key="livo-dataset-failed", description=f"Failed shards of {run}",
-            markdown=f"# {len(failed)} failed shard(s) in {run}\n\n| shard | error |\n|---|---|\n{listed}\n"
-                     f"Retry only these: `livo resume {run}` (or retry this flow run); finished shards are kept.\n")
-    if stop is not None:
-        kept = f"{summary['shards_complete']} finished shard(s) kept in {run}; " if summary["shards_complete"] else ""
-        raise LivoError(f"{stop} ({kept}fix it and run `livo resume {run}`)")
-    if failed:
-        listed = "; ".join(f"{r['shard']}: {r['error']}" for r in failed[:5])
-        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
-        raise LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
-                        f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
+        create_markdown_artifact(key="livo-dataset-failed", description=f"Failed shards of {run}", markdown=failed_markdown(run, failed))
+    ending = run_outcome(run, summary, failed, stop)
+    if ending is not None:
+        raise ending
     return summary
 
 
@@ -209,28 +196,12 @@ def _gpu_annotation(cfg: RunConfig):
 
 def _stats_row(shard_id: str, value_id: str, state) -> dict:
     if state.is_completed():
-        s = state.result()
-        status = "cached" if state.name == "Cached" else s["status"]
-        return {"shard": shard_id, "value_id": value_id, "status": status,
-                "planned": s["planned"], "kept": s["kept"], "rejected": s["rejected"],
-                "seconds": s["seconds"], "images_per_s": s.get("images_per_s"), "error": ""}
-    user_error = False
+        return shard_row(shard_id, value_id, state.result(), cached=state.name == "Cached")
     try:
         state.result()
-        error = state.message or "failed"
-    except LivoError as e:   # bad input (a model that does not load, ...): the message is the user's line
-        error, user_error = str(e), True
-    except OSError as e:
-        if e.errno in _DISK_ERRNOS:   # a full or read-only disk: stop the run with that one line
-            from flows.console import os_error_line
-
-            error, user_error = os_error_line(e), True
-        else:
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return shard_row(shard_id, value_id, None, error=state.message or "failed")
     except Exception as e:  # the task's exception, as the reason for the report
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-    return {"shard": shard_id, "value_id": value_id, "status": "failed", "planned": None, "kept": 0,
-            "rejected": {}, "seconds": None, "images_per_s": None, "error": error, "user_error": user_error}
+        return shard_row(shard_id, value_id, None, error=e)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -280,19 +251,3 @@ def cli_resume(args) -> int:
     cfg = read_run_config(run_dir)
     check_inputs(cfg)
     return _run(cfg, run_dir, args)
-
-
-def cli_export(args) -> int:
-    """`livo export RUN [RUN ...] --out DIR` (no Prefect needed: it only links files and writes a card)."""
-    from livo_core.export import export_runs
-
-    for d in args.run_dir:
-        if not (Path(d) / "shards").is_dir():
-            raise LivoError(f"{d} is not a livo dataset run (no shards/ folder): pass the --out dir of `livo dataset`")
-    record = export_runs([Path(d) for d in args.run_dir], Path(args.out), name=args.name)
-    per_value = ", ".join(f"{k} {n}" for k, n in record["pairs_per_value"].items())
-    print(f"livo: exported {record['pairs']} pairs ({per_value}) in {len(record['files'])} file(s) to {args.out} "
-          f"({', '.join(record['file_method'])}); load with datasets.load_dataset({str(args.out)!r}, split='train')")
-    for p in record["skipped"]:
-        print(f"livo: skipped {p}")
-    return 0

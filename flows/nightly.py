@@ -39,12 +39,11 @@ from livo_core.errors import LivoError
 from livo_core.faults import kill_point
 from livo_core.files import clean_tmp_files
 from livo_core.registry import ModelRegistry, promote_if_not_worse
-from livo_core.train import TrainConfig
-
-
-from livo_core.nightly import (  # noqa: F401  (the night's state and decisions live in the library)
-    HeldoutSettings, NightlyConfig, utc_now, short_sha, write_json, begin_night, comparison_rows, dataset_lineage, heldout_dataset_config, heldout_metrics, load_nightly_config, night_dataset_config, night_eval_config, nights, update_principles,
+from livo_core.nightly import (  # noqa: F401  (the night's state and decisions live in the library; some re-exported)
+    HeldoutSettings, NightlyConfig, begin_night, candidate_lineage, comparison_markdown, heldout_dataset_config, heldout_metrics,
+    load_nightly_config, night_dataset_config, night_eval_config, nights, short_sha, update_principles, utc_now, write_json,
 )
+from livo_core.train import TrainConfig, base_model_from_data
 
 
 # --------------------------------------------------------------------------- Prefect tasks and flows
@@ -94,12 +93,6 @@ def evaluate_task(encoders: dict[str, str], heldout_dirs: list[str], base_model:
                   heldout: dict, cache_dir: str) -> dict[str, dict[str, float]]:
     return heldout_metrics({k: Path(v) for k, v in encoders.items()}, [Path(d) for d in heldout_dirs], base_model,
                            TrainConfig.model_validate(train_config), HeldoutSettings.model_validate(heldout), Path(cache_dir))
-
-
-def _base_model(dataset_dirs: list[Path], train_cfg: TrainConfig) -> str:
-    from livo_core.train import base_model_from_data
-
-    return train_cfg.base_model or base_model_from_data(dataset_dirs)
 
 
 @flow(name="livo-nightly")
@@ -163,7 +156,7 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
         kill_point("nightly.train")
 
         # 6. candidate and production on the same held-out pairs and noise
-        base_model = _base_model(data_dirs, cfg.train)
+        base_model = cfg.train.base_model or base_model_from_data(data_dirs)
         encoders = {"candidate": trained["value_encoder"]}
         if production:
             encoders["production"] = str(registry.encoder_dir(production))
@@ -180,11 +173,8 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
 
         # 7. decide: register the candidate (once per night: keyed by the night), promote it only if not worse
         if not state.get("candidate"):   # a resumed night that registered its candidate already reuses it
-            lineage = {"night": night, "night_seed": state["seed"], "parent": production, "warm_start_from": production if init else None,
-                       "datasets": [dataset_lineage(d) for d in data_dirs], "heldout": dataset_lineage(Path(heldout_dir)),
-                       "base_model": base_model, "train_config": train_cfg.model_dump(mode="json"),
-                       "train_config_hash": short_sha(train_cfg.model_dump_json()), "policy_hash": policy_hash,
-                       "values_hash": state["values_hash"], "new_principles": new_ids}
+            lineage = candidate_lineage(state, production, init, data_dirs, Path(heldout_dir), base_model, train_cfg,
+                                        policy_hash, new_ids)
             state["candidate"] = registry.add_version(trained["value_encoder"], metrics["candidate"], lineage, key=night)
             write_json(state_path, state)
             kill_point("nightly.register")
@@ -208,26 +198,12 @@ def nightly_flow(root: str = "runs/nightly", config_file: str | None = None, ove
 
     verb = f"promoted {candidate} to production" if promoted else f"kept {production} in production ({candidate} not promoted)"
     log.info("%s: %s: %s", night, verb, reason)
-    _comparison_artifact(night, candidate, production, promoted, reason, metrics, cfg.promotion, tonight, data_dirs, removed, init)
+    create_markdown_artifact(markdown=comparison_markdown(night, candidate, production, promoted, reason, metrics, cfg.promotion,
+                                                          tonight, data_dirs, removed, init),
+                             key="livo-nightly-comparison", description=f"livo nightly {night}: {candidate} vs {production or 'none'}")
     return {"night": night, "seed": state["seed"], "candidate": candidate, "production_before": production,
             "production": candidate if promoted else production, "promoted": promoted, "reason": reason,
             "metrics": metrics, "new_shards": tonight, "rendered": built, "removed_versions": removed}
-
-
-def _comparison_artifact(night, candidate, production, promoted, reason, metrics, rule, built, data_dirs, removed, init) -> None:
-    from livo_core.metrics import metric_table
-
-    verdict = f"**{candidate} promoted** to production" if promoted else f"**{production} kept** in production; {candidate} not promoted"
-    md = "\n".join([
-        f"# livo nightly {night}: tonight vs production",
-        "",
-        f"{verdict}. Reason: {reason}.",
-        "",
-        metric_table(comparison_rows(candidate, production, metrics, rule), digits=4),
-        f"Data: {len(built)} new shard(s) tonight; trained on {len(data_dirs)} night(s) of data "
-        f"({'warm start from ' + production if init else 'fresh start'}). Versions removed: {', '.join(removed) or 'none'}.",
-    ])
-    create_markdown_artifact(markdown=md, key="livo-nightly-comparison", description=f"livo nightly {night}: {candidate} vs {production or 'none'}")
 
 
 @flow(name="livo-heldout")

@@ -9,6 +9,7 @@ data for, its prompt pairs, and its stats. flows/dataset.py wires these into tas
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -259,3 +260,49 @@ def propose_run_principles(cfg: RunConfig, run: Path) -> list[str]:
         proposed = propose_principles(client, cfg.policy_text, load_values(cfg.values_file))
         atomic_write_text(path, json.dumps([v.model_dump(mode="json") for v in proposed], indent=1))
     return [v["id"] for v in json.loads(path.read_text(encoding="utf-8"))]
+
+
+# --------------------------------------------------------------------------- a run's outcome
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)   # a full or read-only disk: the run stops with one line
+
+
+def shard_row(shard_id: str, value_id: str, result: dict | None, cached: bool = False, error: BaseException | str | None = None) -> dict:
+    """One shard's row of the run's stats: its result, or why it failed (`user_error`: bad input or a full disk,
+    which every other shard would hit too, so the run stops)."""
+    if result is not None:
+        return {"shard": shard_id, "value_id": value_id, "status": "cached" if cached else result["status"],
+                "planned": result["planned"], "kept": result["kept"], "rejected": result["rejected"],
+                "seconds": result["seconds"], "images_per_s": result.get("images_per_s"), "error": ""}
+    user_error = isinstance(error, LivoError) or isinstance(error, OSError) and error.errno in DISK_ERRNOS
+    if isinstance(error, LivoError):
+        text = str(error)
+    elif isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        from livo_core.files import os_error_line
+
+        text = os_error_line(error)
+    elif isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+    else:
+        text = error or "failed"
+    return {"shard": shard_id, "value_id": value_id, "status": "failed", "planned": None, "kept": 0,
+            "rejected": {}, "seconds": None, "images_per_s": None, "error": text, "user_error": user_error}
+
+
+def failed_markdown(run: Path, failed: list[dict]) -> str:
+    """The report of a run's failed shards (a Prefect artifact)."""
+    listed = "".join(f"| {r['shard']} | {r['error']} |\n" for r in failed)
+    return (f"# {len(failed)} failed shard(s) in {run}\n\n| shard | error |\n|---|---|\n{listed}\n"
+            f"Retry only these: `livo resume {run}` (or retry this flow run); finished shards are kept.\n")
+
+
+def run_outcome(run: Path, summary: dict, failed: list[dict], stop: LivoError | None) -> LivoError | None:
+    """The one line a run ends with when it did not finish every shard (None: it did)."""
+    if stop is not None:
+        kept = f"{summary['shards_complete']} finished shard(s) kept in {run}; " if summary["shards_complete"] else ""
+        return LivoError(f"{stop} ({kept}fix it and run `livo resume {run}`)")
+    if failed:
+        listed = "; ".join(f"{r['shard']}: {r['error']}" for r in failed[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        return LivoError(f"{len(failed)} shard(s) failed ({listed}{more}); {summary['shards_complete']} finished "
+                         f"shard(s) kept, see {run / 'stats.md'}; run `livo resume {run}` to retry")
+    return None

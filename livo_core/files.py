@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import hashlib
 import itertools
 import os
@@ -148,3 +150,16 @@ def check_writable(path: Path | str, what: str = "--out", file: bool = False) ->
     if not os.access(target, os.W_OK | os.X_OK):
         raise LivoError(f"{what} {path} cannot be written ({target} is read-only or not writable by you); "
                         "choose a writable path")
+
+
+def os_error_line(e: OSError) -> str:
+    """A filesystem fault as `<problem>; <fix>`."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing{where}; free some space, then run the command again "
+                "(`livo resume RUN` finishes a dataset, `livo train ... --resume latest` a training; finished work is kept)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where} ({e.strerror}); choose a writable --out folder or fix its permissions"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"cannot create{where} ({e.strerror}): a file is in the way; choose another --out or remove that file"
+    return f"{e.strerror or type(e).__name__}{where}; check the path and the disk, then run the command again"

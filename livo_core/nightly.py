@@ -242,3 +242,25 @@ def comparison_rows(candidate: str, production: str | None, metrics: dict[str, d
     return rows
 
 
+def candidate_lineage(state: dict, production: str | None, init: str | None, data_dirs: list[Path], heldout_dir: Path,
+                      base_model: str, train_cfg: TrainConfig, policy_hash: str | None, new_ids: list[str]) -> dict:
+    """What a night's candidate came from (stored with it in the registry)."""
+    return {"night": state["night"], "night_seed": state["seed"], "parent": production,
+            "warm_start_from": production if init else None, "datasets": [dataset_lineage(d) for d in data_dirs],
+            "heldout": dataset_lineage(heldout_dir), "base_model": base_model, "train_config": train_cfg.model_dump(mode="json"),
+            "train_config_hash": short_sha(train_cfg.model_dump_json()), "policy_hash": policy_hash,
+            "values_hash": state["values_hash"], "new_principles": new_ids}
+
+
+def comparison_markdown(night, candidate, production, promoted, reason, metrics, rule, built, data_dirs, removed, init) -> str:
+    """The night's report: tonight's candidate against production, the decision and why."""
+    from livo_core.metrics import metric_table
+
+    verdict = f"**{candidate} promoted** to production" if promoted else f"**{production} kept** in production; {candidate} not promoted"
+    return "\n".join([
+        f"# livo nightly {night}: tonight vs production", "",
+        f"{verdict}. Reason: {reason}.", "",
+        metric_table(comparison_rows(candidate, production, metrics, rule), digits=4),
+        f"Data: {len(built)} new shard(s) tonight; trained on {len(data_dirs)} night(s) of data "
+        f"({'warm start from ' + production if init else 'fresh start'}). Versions removed: {', '.join(removed) or 'none'}.",
+    ])

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.dataset import prepare_run_dir
+from livo_core.dataset import prepare_run_dir
 from livo_core.config import RunConfig
 from livo_core.shards import SHARD_COLUMNS, complete_shard_ids, complete_shards, load_plan, read_shards, shard_paths
 from helpers import shard_rows

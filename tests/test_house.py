@@ -28,7 +28,7 @@ def _model(kind: str):
     if kind == "evaluate":
         from livo_core.evaluate import EvalConfig
         return EvalConfig
-    from flows.nightly import NightlyConfig
+    from livo_core.nightly import NightlyConfig
     return NightlyConfig
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from openai_server import OpenAIServer
 
-from flows.nightly import (
+from livo_core.nightly import (
     NightlyConfig, begin_night, load_nightly_config, night_dataset_config, update_principles,
 )
 from livo_core.errors import LivoError
