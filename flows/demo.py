@@ -60,12 +60,7 @@ def train_task(method: str, config: dict, data_dirs: list[str], out_dir: str) ->
 
     cfg = TrainConfig.model_validate(config)
     t0 = time.perf_counter()
-    if method == "dpo-unet":
-        from livo_core.baselines import train_unet_dpo
-
-        res = train_unet_dpo(cfg, data_dirs, out_dir)
-    else:
-        res = train(cfg, data_dirs, out_dir)
+    res = train(cfg, data_dirs, out_dir)   # the DPO UNet baseline too (its config says trains = unet)
     seconds = time.perf_counter() - t0
     # Optimizer states only serve resuming; the demo evaluates the checkpoints' models, so drop the ~2x larger rest.
     for f in Path(out_dir).glob("checkpoints/*/optimizer.pt"):

@@ -27,6 +27,7 @@ train_config.json, and another run is refused there unless `overwrite=True`.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -94,6 +95,9 @@ class TrainConfig(StrictModel):
     resolution: int | None = Field(None, ge=8, description="Resize (shorter side) and centre-crop images to this size; None = use the images' own size (all must match).")
     cache_dir: Path | None = Field(None, description="Where cached latents/embeddings live (shareable between runs); None = <out>/cache.")
     init_value_encoder: Path | None = Field(None, description="Start from this value encoder folder (warm start, e.g. an earlier run's value_encoder/); None = a copy of SD's text encoder, as in the paper.")
+    trains: Literal["value_encoder", "unet"] = Field("value_encoder", description="What is trained: the value encoder (LiVO) "
+                                                     "or every weight of a copy of the UNet against the frozen one (the Diffusion-DPO "
+                                                     "baseline, with loss = dpo; writes out/unet/).")
     prepend_value_token: bool = Field(True, description="False = control run: the theta pass gets no value token, so theta == ref and nothing is learned.")
     latent_sampling: Literal["mean", "sample"] = Field("mean", description="mean = the VAE posterior mean, cached once (deterministic); sample = mean + std * noise drawn every step, as the authors' latent_dist.sample().")
     random_flip: bool = Field(False, description="Mirror each image left-right with probability 1/2 per step, aligned and violating independently (the authors' --random_flip); caches both views.")
@@ -303,6 +307,18 @@ def loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg: TrainCon
     return terms
 
 
+def unet_denoising_errors(family, unet, ref_unet, noise_scheduler, batch: Batch, generator: torch.Generator):
+    """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and timesteps (B,), for a trainable UNet against a
+    frozen reference UNet; both read the prompt tokens only. Noise and timesteps are drawn exactly as for the value
+    encoder (`noised_pair`)."""
+    noisy, t2, target, t = noised_pair(family, noise_scheduler, batch, generator)
+    prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
+    theta_pred = family.denoise(unet, noisy, t2, prompt)  # (2B, 4, h, w), with autograd
+    with torch.no_grad():
+        ref_pred = family.denoise(ref_unet, noisy, t2, prompt)
+    return (*pair_errors(theta_pred, ref_pred, target), t)
+
+
 def compute_loss(family, value_encoder, unet, noise_scheduler, batch: Batch, cfg: TrainConfig,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The loss of one batch and its logged parts (see livo_core.loss). No backward here."""
@@ -478,10 +494,52 @@ class TrainResult:
     out_dir: Path
     steps: int                      # the step the run ended at
     last_metrics: dict[str, float]  # the last logged row
-    value_encoder: Path             # out/value_encoder
+    value_encoder: Path             # out/value_encoder (out/unet when trains = unet)
     loss_plot: Path                 # out/loss.png
     log_csv: Path                   # out/train_log.csv
     preference: dict[str, dict[str, float]] | None = None   # {"before", "after"}: preference_metrics on the training pairs
+
+
+# --------------------------------------------------------------------------- what is trained
+class ValueEncoderPart:
+    """LiVO: a value encoder (fp32: AdamW on fp16 weights NaNs), initialised from the model's text encoder (the paper),
+    a warm start or a checkpoint; the denoiser stays frozen."""
+
+    folder = "value_encoder"
+
+    def build(self, cfg: TrainConfig, sd, ckpt: Path | None):
+        if ckpt or cfg.init_value_encoder:
+            return ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float().train()
+        return ValueEncoder.from_text_encoder(sd.text_encoder).train()
+
+    def checkpointing(self, module) -> None:
+        module.text_model.gradient_checkpointing_enable()
+
+    def loss(self, module, sd, unet, batch: Batch, cfg: TrainConfig, generator) -> dict[str, torch.Tensor]:
+        return compute_loss(sd.family, module, unet, sd.noise_scheduler, batch, cfg, generator)
+
+
+class UNetPart:
+    """The Diffusion-DPO baseline: every weight of an fp32 copy of the denoiser, against the frozen one as reference."""
+
+    folder = "unet"
+
+    def build(self, cfg: TrainConfig, sd, ckpt: Path | None):
+        if cfg.init_value_encoder or not cfg.prepend_value_token:
+            raise LivoError("init_value_encoder and prepend_value_token apply to trains = value_encoder, not unet")
+        if ckpt:
+            return sd.family.load_denoiser(ckpt / self.folder, "cpu", torch.float32).requires_grad_(True).train()
+        return copy.deepcopy(sd.unet).float().requires_grad_(True).train()
+
+    def checkpointing(self, module) -> None:
+        module.enable_gradient_checkpointing()
+
+    def loss(self, module, sd, unet, batch: Batch, cfg: TrainConfig, generator) -> dict[str, torch.Tensor]:
+        errors = unet_denoising_errors(sd.family, module, unet, sd.noise_scheduler, batch, generator)
+        return loss_terms(*errors, sd.noise_scheduler, cfg)
+
+
+TRAINED_PARTS = {"value_encoder": ValueEncoderPart(), "unet": UNetPart()}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -540,14 +598,11 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
             {**cfg.model_dump(mode="json"), "data_dirs": [str(d) for d in data_dirs],
              "run_identity": run_identity(cfg, data_dirs)}, indent=2))
 
-    # Models: SD frozen in `dtype`; the value encoder a trainable fp32 copy of SD's text encoder.
+    # Models: the model frozen in `dtype`; the trained part (value encoder, or a UNet copy for the DPO baseline) in fp32.
     torch.manual_seed(cfg.seed)
     sd = load_model_parts(cfg.base_model, dtype)
-    if ckpt or cfg.init_value_encoder:
-        value_encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float()  # fp32: AdamW on fp16 weights NaNs
-    else:
-        value_encoder = ValueEncoder.from_text_encoder(sd.text_encoder)
-    value_encoder.train()
+    part = TRAINED_PARTS[cfg.trains]
+    value_encoder = part.build(cfg, sd, ckpt)   # the module the optimizer trains (named for the paper's case)
     cache_dir = cfg.cache_dir or out_dir / "cache"
     with accelerator.main_process_first():  # the main process fills the cache; the others then read it
         data = load_training_data(data_dirs, sd, cfg, cache_dir, accelerator.device, dtype, progress=progress and main)
@@ -562,7 +617,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
     if cfg.gradient_checkpointing:
         # Gradients flow through the frozen UNet to the value token, so its activations are what fill memory.
         unet.enable_gradient_checkpointing()
-        value_encoder.text_model.gradient_checkpointing_enable()
+        part.checkpointing(value_encoder)
 
     # fused: one kernel for all parameters, ~7x faster than the default loop on CPU (the token table is 38M on SD 1.5)
     optimizer = torch.optim.AdamW(value_encoder.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -591,7 +646,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
 
     preference = None
     scored = None
-    if measure_preference and main:
+    if measure_preference and main and cfg.trains == "value_encoder":
         scored = _subset(data, 256)
         preference = {"before": preference_metrics(sd.family, accelerator.unwrap_model(value_encoder).eval(), unet, sd.noise_scheduler,
                                                    scored, cfg, device=accelerator.device)}
@@ -613,7 +668,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
                               resample_violating=cfg.resample_violating).to(accelerator.device)
             batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
             with accelerator.autocast():
-                terms = compute_loss(sd.family, value_encoder, unet, sd.noise_scheduler, batch, cfg, generator)
+                terms = part.loss(value_encoder, sd, unet, batch, cfg, generator)
             if terms["loss"].requires_grad:  # False only in the control run (no value token: nothing to train)
                 accelerator.backward(terms["loss"])
                 if cfg.max_grad_norm:
@@ -637,7 +692,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
                 log.debug("step %d %s", step, last)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 save_checkpoint(accelerator, out_dir, step, samples_seen, value_encoder, optimizer, lr_scheduler,
-                                generator, cfg)
+                                generator, cfg, part.folder)
 
     accelerator.wait_for_everyone()
     if trace is not None:
@@ -645,7 +700,7 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
         digest = hashlib.sha256(b"".join(weights[k].detach().cpu().numpy().tobytes() for k in sorted(weights))).hexdigest()
         print("livo-trace " + json.dumps({"rank": accelerator.process_index, "of": accelerator.num_processes,
                                           "steps_from": state["step"], "pairs": trace, "encoder_sha256": digest}), flush=True)
-    final = out_dir / "value_encoder"
+    final = out_dir / part.folder
     if main:
         save_encoder(accelerator.unwrap_model(value_encoder), final)
         plot_losses(csv_path, png_path)   # once, at the end: the CSV is the live record
@@ -669,8 +724,9 @@ def _subset(data: PairData, n: int) -> PairData:
     return dataclasses.replace(data, index=data.index[keep], _maps=data._maps)
 
 
-def save_encoder(value_encoder: ValueEncoder, folder: Path) -> Path:
-    """Write a value encoder folder atomically: a kill leaves the old folder or the new one, never half."""
+def save_encoder(value_encoder, folder: Path) -> Path:
+    """Write the trained part's folder (a value encoder, or a UNet) atomically: a kill leaves the old folder or the
+    new one, never half."""
     tmp = tmp_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     value_encoder.save_pretrained(tmp)
@@ -683,7 +739,7 @@ def save_encoder(value_encoder: ValueEncoder, folder: Path) -> Path:
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, value_encoder, optimizer,
-                    lr_scheduler, generator: torch.Generator, cfg: TrainConfig) -> Path:
+                    lr_scheduler, generator: torch.Generator, cfg: TrainConfig, folder: str = "value_encoder") -> Path:
     """Write checkpoints/step-NNNNNN/ via a temporary folder, renamed when complete; keep the newest N.
 
     Only the main process writes; the other processes' RNG states (each draws its own noise) reach it
@@ -702,7 +758,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, samples_seen: int, va
         tmp.mkdir(parents=True)
         for k, state in enumerate(states):
             torch.save(state, tmp / f"rng-{k}.pt")
-        accelerator.unwrap_model(value_encoder).save_pretrained(tmp / "value_encoder")
+        accelerator.unwrap_model(value_encoder).save_pretrained(tmp / folder)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "samples_seen": samples_seen,

@@ -240,3 +240,21 @@ def test_unet_dpo_trains_a_copy_against_the_frozen_unet(world_pairs, tiny_sd, ti
     a = tiny_pipe("a bloody blue circle", generator=torch.Generator().manual_seed(0), **kw).images
     b = pipe2("a bloody blue circle", generator=torch.Generator().manual_seed(0), **kw).images
     assert not np.array_equal(a, b)
+
+
+def test_unet_dpo_resumes_through_the_one_training_loop(world_pairs, tmp_path):
+    """The UNet baseline is the trainer's own loop: 2 steps then --resume latest to 4 equals 4 steps at once."""
+    from safetensors.torch import load_file
+
+    from livo_core.baselines import train_unet_dpo
+    from livo_core.train import TrainConfig
+
+    cfg = TrainConfig(learning_rate=1e-3, batch_size=4, max_steps=4, checkpoint_every=2, log_every=1, device="cpu")
+    straight = train_unet_dpo(cfg, [world_pairs], tmp_path / "straight", progress=False)
+    train_unet_dpo(cfg.model_copy(update={"max_steps": 2}), [world_pairs], tmp_path / "resumed", progress=False)
+    resumed = train_unet_dpo(cfg, [world_pairs], tmp_path / "resumed", progress=False, resume="latest")
+    assert resumed.steps == straight.steps == 4 and resumed.value_encoder.name == "unet"
+    a = load_file(str(straight.value_encoder / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed.value_encoder / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "train_log.csv").read_text() == (tmp_path / "resumed" / "train_log.csv").read_text()

@@ -116,7 +116,7 @@ def train_configs(s: DemoSettings, cache_dir: Path) -> dict:
     return {
         "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, beta=s.livo_beta, alpha=s.livo_alpha, **common),
         "dpo-encoder": TrainConfig(loss="dpo", learning_rate=s.dpo_encoder_lr, **common),
-        "dpo-unet": TrainConfig(loss="dpo", learning_rate=s.dpo_unet_lr, **common),
+        "dpo-unet": TrainConfig(loss="dpo", trains="unet", learning_rate=s.dpo_unet_lr, **common),
     }
 
 
