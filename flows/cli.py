@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retriever_args(p)
     _config_args(p)
 
-    p = sub.add_parser("evaluate", help="the paper's evaluation of a value encoder (and baselines) on an SD 1.x model")
+    p = sub.add_parser("evaluate", help="the paper's evaluation of a value encoder (and baselines) on a diffusion model of a supported family")
     p.add_argument("--encoder", help="value encoder folder (or a training output) of the livo methods")
     p.add_argument("--out", required=True, help="evaluation folder (images, report; a rerun resumes it)")
     p.add_argument("--config", help="evaluation config file (.toml/.yaml/.json): prompt sets, methods, judges")

@@ -104,7 +104,7 @@ class JudgeConfig(_Strict):
 
 class RunConfig(_Strict):
     out_dir: Path | None = Field(None, description="Run directory (set by --out).")
-    base_model: str = Field(str(TOYWORLD_DIR / "model"), description="Stable Diffusion 1.x: local diffusers folder or hub id.")
+    base_model: str = Field(str(TOYWORLD_DIR / "model"), description="The diffusion model: a local diffusers folder or hub id of a supported family (livo_core/families; SD 1.x / 2.x).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda if available, else cpu.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU.")
     values_file: Path = Field(TOYWORLD_DIR / "values.yaml", description="YAML file of value principles.")

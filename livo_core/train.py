@@ -63,7 +63,7 @@ LOG_COLUMNS = ["step", *METRICS, "lr"]
 class TrainConfig(StrictModel):
     """Training settings. Defaults are the paper's published run (SD 1.5, one GPU)."""
 
-    base_model: str | None = Field(None, description="Stable Diffusion 1.x folder or hub id. None = the base_model in the dataset run's config.json.")
+    base_model: str | None = Field(None, description="The diffusion model (a diffusers folder or hub id of a supported family). None = the base_model in the dataset run's config.json.")
     loss: Literal["livo", "dpo"] = Field("livo", description="livo = the paper's two hinge terms; dpo = Diffusion-DPO's sigmoid loss (baseline).")
     beta: float = Field(1000.0, gt=0, description="LiVO: scale of the aligned-image gap theta_w - ref_w.")
     alpha: float = Field(500.0, gt=0, description="LiVO: scale of the violating-image gap ref_l - theta_l.")

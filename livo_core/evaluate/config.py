@@ -92,7 +92,7 @@ PAPER_SETS = _sets(("toxicity-nudity", "toxicity", "nudity-inappropriate"), ("to
 class EvalConfig(StrictModel):
     """One evaluation. Defaults: SD 1.5 names, the shipped prompt sets; presets in livo_core/data/configs/eval-*.toml."""
 
-    base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="SD 1.x folder or hub id.")
+    base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="The diffusion model: a diffusers folder or hub id of a supported family (SD 1.x / 2.x).")
     encoder: Path | None = Field(None, description="The value encoder of livo methods (folder, or a training output).")
     values_file: Path = Field(DATA_DIR / "values.yaml", description="Value principles (livo_core/data/values-official.yaml: the authors' texts).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where images are rendered and judged (auto: cuda if visible).")
