@@ -382,14 +382,14 @@ def make_classifier(value: ValuePrinciple, override: ClassifierChoice | None, cl
     """The safety classifier for `value`: the config's override if given, else the values file's entry; its
     threshold rule set from that choice. `clip` is only used by the CLIP-based classifiers."""
     choice = override or value.classifier
-    from livo_core.classifiers import CLASSIFIERS, classifier_class, entry_for
+    from livo_core.classifiers import CLASSIFIERS, resolve_choice
 
     if choice.name in CLASSIFIERS and CLASSIFIERS[choice.name].needs_clip and clip is None:
         raise ValueError(f"classifier {choice.name!r} of value {value.id!r} needs a ClipScorer")
-    entry = entry_for(value, choice.name)
-    cls = classifier_class(choice.name)
-    classifier = cls(clip, choice.threshold) if entry.needs_clip else cls(choice.threshold)
-    classifier.rule = choice.rule
+    entry, cls, threshold, rule = resolve_choice(value, choice)
+    extra = {"file": choice.file} if entry.needs_file else {}
+    classifier = cls(clip, threshold, **extra) if entry.needs_clip else cls(threshold, **extra)
+    classifier.rule = rule
     return classifier
 
 

@@ -5,6 +5,7 @@ rerun of an evaluation may reuse: only images of the same configuration, intact.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -69,6 +70,19 @@ def w(tmp_path_factory, tiny_sd):
         "llm": {"base_url": "https://vlm.example.invalid/v1", "model": "llava", "api_key_env": "LIVO_TEST_NO_SUCH_KEY"}}}})
     config("eval-hub.yaml", base_model="nobody-has/this-model")
 
+    class Evil:   # a "prompts.p" that would run a command when unpickled
+        def __reduce__(self):
+            return (os.system, (f"touch {w / 'pickle-ran'}",))
+
+    import pickle
+
+    (w / "evil.p").write_bytes(pickle.dumps(Evil()))
+    toy_clip = f"local-dir:{TOY_VALUES.parent / 'clip'}"
+    config("eval-q16-evil.yaml", clip_model=toy_clip, judges={"bloody-inappropriate": {"name": "q16", "file": str(w / "evil.p")}})
+    config("eval-q16-no-file.yaml", clip_model=toy_clip, judges={"bloody-inappropriate": {"name": "q16"}})
+    config("eval-protocol-threshold.yaml", judges={"bloody-inappropriate": {"name": "nudenet-i2p-v2-5", "threshold": 0.5}})
+    config("eval-unknown-protocol.yaml", judges={"bloody-inappropriate": {"name": "nudenet-v9"}})
+
     # import-livo-data sources: SRC/<type>/<scene>/metadata.jsonl + images
     def source(name: str, rows: list[dict], images: dict[str, bytes] | None = None, encoding: str = "utf-8") -> None:
         scene = w / name / "nudity" / "scene-1"
@@ -113,6 +127,10 @@ CASES = [
     ("evaluate: a CLIP judge without a CLIP model", E + "eval-clip-judge.yaml", "needs clip_model"),
     ("evaluate: a remote VLM without its key", E + "eval-vlm-no-key.yaml", "LIVO_TEST_NO_SUCH_KEY"),
     ("evaluate: an uncached hub id", E + "eval-hub.yaml", "not in the local Hugging Face cache"),
+    ("evaluate: Q16 prompts that are a pickle with code", E + "eval-q16-evil.yaml", "is a pickle that calls posix.system"),
+    ("evaluate: Q16 without its prompts file", E + "eval-q16-no-file.yaml", "needs its file: set judges.bloody-inappropriate.file"),
+    ("evaluate: a protocol given another threshold", E + "eval-protocol-threshold.yaml", "is a published protocol (at_or_above 0.6)"),
+    ("evaluate: an unknown protocol name", E + "eval-unknown-protocol.yaml", "unknown safety classifier 'nudenet-v9'"),
     ("evaluate: --out is a dataset run", "evaluate --out {w}/dataset-run --config {w}/eval.yaml", "holds a dataset run"),
     ("generate: --seed 2^70", "generate 'a bloody circle' --encoder {w}/encoder --out {w}/new.png --seed 1180591620717411303424",
      "--seed 1180591620717411303424 is out of range"),

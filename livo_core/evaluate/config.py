@@ -124,7 +124,10 @@ class EvalConfig(StrictModel):
     def judge_choice(self, value) -> JudgeChoice:
         """How `value`'s images are judged: `judges[value.id]`, else the values file's classifier and threshold by
         the evaluation's default rule (above, as the authors)."""
-        return self.judges.get(value.id) or JudgeChoice(name=value.classifier.name, threshold=value.classifier.threshold)
+        if value.id in self.judges:
+            return self.judges[value.id]
+        given = value.classifier.model_fields_set & {"name", "threshold", "file"}   # a protocol's own threshold stays unset
+        return JudgeChoice(**{k: getattr(value.classifier, k) for k in given | {"name"}})
 
 
 def load_eval_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> EvalConfig:

@@ -76,7 +76,7 @@ class Evaluation:
                                 "evaluate into a new --out, or pass --overwrite to render that method again")
 
     def _check_judges(self) -> None:
-        from livo_core.classifiers import entry_for
+        from livo_core.classifiers import resolve_choice
 
         for vid in sorted({p.judge_value for p in self.prompts if p.judge_value}):
             value, choice = self.values[vid], self.cfg.judge_choice(self.values[vid])
@@ -85,8 +85,17 @@ class Evaluation:
                 from livo_core.llm import LLMClient
 
                 LLMClient((choice.vlm or VLMJudgeConfig()).llm).probe()   # key present, endpoint answering
-            elif entry_for(value, name).needs_clip:   # a registered name judging this kind of value
+                continue
+            entry = resolve_choice(value, choice)[0]   # a registered name judging this kind of value, by its protocol
+            if entry.needs_clip:
                 _check_clip_model(self.cfg.clip_model, f"value {vid} is judged by {name}, which")
+            if entry.needs_file:
+                from livo_core.protocols import load_q16_prompts
+
+                if choice.file is None:
+                    raise LivoError(f"value {vid} is judged by {name}, which needs its file: set judges.{vid}.file "
+                                    "(Q16's prompts.p)")
+                load_q16_prompts(choice.file)         # missing, a pickle with code, the wrong shape -> one line
 
     def descriptions(self) -> dict[str, dict]:
         """Per method: everything that shapes its images (the fingerprint is a hash of it)."""
