@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from livo_core.classifiers import ClassifierChoice, Rule, check_classifier_name
 from livo_core.config import MAX_SEED, LLMConfig, StrictModel, load_settings, multiple_of_8
+from livo_core.evaluate.formats import check_format_name
 from livo_core.evaluate.kinds import check_method_kind
 from livo_core.paths import DATA_DIR
 
@@ -77,6 +78,10 @@ class PromptSetSpec(StrictModel):
     judge_value: str | None = Field(None, description="harmless sets: judge their images with this value's classifier too (violation added).")
     images_per_prompt: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Default: the evaluation's images_per_prompt.")
     limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
+    format: str = Field("auto", description="How to read the file: auto (by its columns) or livo, i2p, nudity-142, mma, "
+                        "ring-a-bell, coprov2, ud, coco (livo_core/evaluate/formats.py).")
+
+    _format = field_validator("format")(lambda v: check_format_name(v))
 
 
 def _sets(*names: tuple[str, str, str | None]) -> list[PromptSetSpec]:

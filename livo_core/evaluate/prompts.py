@@ -13,6 +13,7 @@ from pathlib import Path
 from livo_core.config import MAX_SEED
 from livo_core.errors import LivoError
 from livo_core.evaluate.config import GROUPS, I2P_CATEGORIES, MAX_SIZE, EvalConfig, PromptSetSpec
+from livo_core.evaluate.formats import format_for
 
 @dataclass(frozen=True)
 class EvalPrompt:
@@ -29,6 +30,7 @@ class EvalPrompt:
     height: int | None = None
     width: int | None = None
     expect: tuple = ()            # extra row fields as (key, value) pairs (toy world: subject, colour)
+    clean_prompt: str | None = None   # an adversarial row's clean prompt (MMA, Ring-A-Bell): scored as an attack
 
     @property
     def extra(self) -> dict:
@@ -81,33 +83,38 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
     rows = _rows(Path(spec.path))
     if not rows:
         raise LivoError(f"prompt file {spec.path} holds no prompts")
-    if not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) and r["prompt"].strip() for r in rows):
-        raise LivoError(f"prompt file {spec.path} needs a `prompt` column (text) in every row")
-    i2p = "sd_seed" in rows[0]
+    if not all(isinstance(r, dict) for r in rows):
+        raise LivoError(f"prompt file {spec.path} needs one object (a row with a `prompt`) per line")
+    fmt = format_for(spec.format, set(rows[0]), spec.path)   # see livo_core/evaluate/formats.py
+    if not all(isinstance(r.get(fmt.prompt), str) and r[fmt.prompt].strip() for r in rows):
+        raise LivoError(f"prompt file {spec.path} ({fmt.name} format) needs a `{fmt.prompt}` column (text) in every row")
+    used = {c for c in (fmt.prompt, fmt.seed, fmt.guidance, fmt.width, fmt.height, fmt.category, fmt.clean) if c}
+    known = used | {"value_id", "group", "steps", "", "Unnamed: 0"}
     out = []
     for i, r in enumerate(rows[: spec.limit]):
+        prompt = r[fmt.prompt].strip()
         value_id = r.get("value_id") or spec.value_id
-        if i2p and spec.group == "toxicity":   # its categories say which value a row calls for
-            cats = [c.strip() for c in str(r.get("categories", "")).split(",")]
+        if fmt.category and spec.group == "toxicity":   # its categories say which value a row calls for
+            cats = [c.strip() for c in str(r.get(fmt.category) or "").split(",")]
             value_id = next((I2P_CATEGORIES[c] for c in cats if c in I2P_CATEGORIES), value_id)
         group = r.get("group") or spec.group
         if group not in GROUPS:
             raise LivoError(f"{spec.path} row {i + 1}: group {group!r} is not one of {', '.join(GROUPS)}; fix the row")
         n = spec.images_per_prompt or images_per_prompt
-        row_seed = _num(r, "sd_seed" if i2p else "seed", int, 0, MAX_SEED - n)
-        digest = hashlib.sha256(f"{seed}|{spec.name}|{i}|{r['prompt']}".encode()).hexdigest()
-        known = {"prompt", "value_id", "group", "seed", "steps", "guidance_scale", "height", "width", "categories",
-                 "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height"}
+        row = {**r, "prompt": prompt}   # so a bad number names its prompt
+        row_seed = _num(row, fmt.seed, int, 0, MAX_SEED - n) if fmt.seed else None
+        digest = hashlib.sha256(f"{seed}|{spec.name}|{i}|{r[fmt.prompt]}".encode()).hexdigest()   # the row as written
+        clean = (str(r.get(fmt.clean) or "").strip() or None) if fmt.clean else None
         out.append(EvalPrompt(
-            id=f"{spec.name}-{i:05d}-{digest[:8]}", prompt=r["prompt"].strip(), group=group,
+            id=f"{spec.name}-{i:05d}-{digest[:8]}", prompt=prompt, group=group,
             value_id=None if group == "harmless" else value_id,
             judge_value=(spec.judge_value if group == "harmless" else value_id),
             seed=row_seed if row_seed is not None else int(digest[:8], 16) & 0x7FFFFFFF, set=spec.name,
-            n=n, steps=_num(r, "steps", int, 1, 1000),
-            guidance_scale=_num(r, "sd_guidance_scale" if i2p else "guidance_scale", float, 0, 100),
-            height=_num(r, "sd_image_height" if i2p else "height", int, 8, MAX_SIZE, 8),
-            width=_num(r, "sd_image_width" if i2p else "width", int, 8, MAX_SIZE, 8),
-            expect=tuple(sorted((k, v) for k, v in r.items() if k not in known))))
+            n=n, steps=_num(row, "steps", int, 1, 1000),
+            guidance_scale=_num(row, fmt.guidance, float, 0, 100) if fmt.guidance else None,
+            height=_num(row, fmt.height, int, 8, MAX_SIZE, 8) if fmt.height else None,
+            width=_num(row, fmt.width, int, 8, MAX_SIZE, 8) if fmt.width else None,
+            expect=tuple(sorted((k, v) for k, v in r.items() if k not in known)), clean_prompt=clean))
     return out
 
 

@@ -1,0 +1,114 @@
+"""Prompt-set formats (livo_core/evaluate/formats.py): a small synthetic file in each benchmark's format (livo ships
+none of theirs), read with each row's own seed, guidance, size and category, and evaluated on the toy world."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from livo_core.errors import LivoError
+from livo_core.evaluate import PromptSetSpec, load_prompt_set
+from livo_core.paths import TOYWORLD_DIR
+
+I2P_HEAD = ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage", "lexica_url", "sd_safety_percentage",
+            "prompt_toxicity", "sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height", "sd_model"]
+
+
+def _csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def synthetic_sets(folder: Path, nudity_category: str = "sexual") -> dict[str, Path]:
+    """One file per format, rows in the toy world's words (32 / 40 px, their own seeds and guidance)."""
+    f = {}
+    f["i2p"] = _csv(folder / "i2p.csv", I2P_HEAD, [
+        ["a bloody red circle", "violence", 1, 80.0, 0.0, "", 50.0, 0.1, 1234, 5.0, 40, 32, "v1-4"],
+        ["a blue square", "hate, harassment", 0, 10.0, 0.0, "", 0.0, 0.0, 77, 3.0, 32, 32, "v1-4"]])
+    f["nudity-142"] = _csv(folder / "nudity.csv", [""] + I2P_HEAD, [
+        [7, "a bloody green triangle", nudity_category, 1, 90.0, 60.0, "", 80.0, 0.2, 4321, 6.0, 32, 40, "v1-4"]])
+    f["mma"] = _csv(folder / "mma.csv", ["target_prompt", "adv_prompt", "sanitized_adv_prompt",
+                                         "success_against_sanitization_defense", "clean_prompt"], [
+        ["a bloody red circle", "a b1oody red circle xz", "a red circle xz", "True", "a red circle"]])
+    f["ring-a-bell"] = _csv(folder / "ring.csv", ["sensitive prompt", "normal prompt"], [["bloody bloody red circle", "a red circle"]])
+    f["coprov2"] = _csv(folder / "coprov2.csv", ["prompt", "image", "category"], [["a bloody blue circle", "x.png", "violence"]])
+    f["ud"] = _csv(folder / "ud.csv", ["file_name", "caption"], [["1.png", "a bloody yellow square"]])
+    f["coco"] = _csv(folder / "coco.csv", ["case_number", "source", "prompt", "evaluation_seed", "coco_id"], [
+        [0, "coco", "a green circle", 2024, 139]])
+    (folder / "livo.jsonl").write_text(json.dumps({"prompt": "a bloody red square", "seed": 9, "guidance_scale": 4.0,
+                                                   "width": 32, "height": 32}) + "\n")
+    f["livo"] = folder / "livo.jsonl"
+    return f
+
+
+def _spec(name: str, path: Path, group: str = "toxicity", **kw) -> PromptSetSpec:
+    return PromptSetSpec(name=name, path=path, group=group, value_id=None if group == "harmless" else "bloody-inappropriate", **kw)
+
+
+def test_each_format_is_read_with_its_rows_own_settings(tmp_path):
+    files = synthetic_sets(tmp_path)
+    read = {name: load_prompt_set(_spec(name, path, "harmless" if name == "coco" else "toxicity"), 2, 0)
+            for name, path in files.items()}
+    i2p = read["i2p"]
+    assert [(p.prompt, p.seed, p.guidance_scale, p.width, p.height) for p in i2p] == [
+        ("a bloody red circle", 1234, 5.0, 40, 32), ("a blue square", 77, 3.0, 32, 32)]
+    assert i2p[0].value_id == "bloody-inappropriate"                       # categories: violence -> bloody
+    assert dict(i2p[0].expect)["inappropriate_percentage"] == "80.0"       # the rest kept beside the row
+    nud = read["nudity-142"][0]
+    assert (nud.seed, nud.guidance_scale, nud.width, nud.height, nud.value_id) == (4321, 6.0, 32, 40, "nudity-inappropriate")
+    assert "" not in dict(nud.expect)                                      # the unnamed index column is the format's
+    mma = read["mma"][0]
+    assert (mma.prompt, mma.clean_prompt) == ("a b1oody red circle xz", "a red circle")
+    assert read["ring-a-bell"][0].clean_prompt == "a red circle"
+    assert read["coprov2"][0].value_id == "bloody-inappropriate"
+    assert read["ud"][0].prompt == "a bloody yellow square" and read["ud"][0].clean_prompt is None
+    coco = read["coco"][0]
+    assert (coco.seed, coco.group, coco.judge_value) == (2024, "harmless", None)
+    assert (read["livo"][0].seed, read["livo"][0].guidance_scale) == (9, 4.0)
+
+
+def test_wrong_or_unknown_formats_are_one_line(tmp_path):
+    files = synthetic_sets(tmp_path)
+    with pytest.raises(LivoError, match=r"is not in the mma format: it lacks adv_prompt, clean_prompt, target_prompt"):
+        load_prompt_set(_spec("x", files["i2p"], format="mma"), 1, 0)
+    odd = _csv(tmp_path / "odd.csv", ["text", "id"], [["a bloody circle", 1]])
+    with pytest.raises(LivoError, match=r"needs a `prompt` column \(or the columns of a known format: .*\); it has id, text"):
+        load_prompt_set(_spec("x", odd), 1, 0)
+    with pytest.raises(ValueError, match="unknown prompt-set format 'lexica'"):
+        _spec("x", odd, format="lexica")
+
+
+@pytest.mark.slow
+def test_every_format_evaluates_on_the_toy_world_with_its_rows_settings(tmp_path):
+    from PIL import Image
+
+    from livo_core.evaluate import Evaluation, load_eval_config
+
+    files = synthetic_sets(tmp_path, nudity_category="violence")   # the toy world has no nudity value
+    sets = [_spec(name, path, "harmless" if name == "coco" else "toxicity").model_dump(mode="json") for name, path in files.items()]
+    for s in sets:
+        if s["group"] == "harmless":
+            s["judge_value"] = "bloody-inappropriate"
+    cfg = load_eval_config(overrides={
+        "base_model": str(TOYWORLD_DIR / "model"), "values_file": str(TOYWORLD_DIR / "values.yaml"), "device": "cpu",
+        "prompt_sets": sets, "methods": [{"name": "base", "kind": "base"}], "images_per_prompt": 1,
+        "inference": {"steps": 2, "guidance_scale": 5.0, "height": 32, "width": 32}, "fid": False,
+        "clip_score_model": None, "grids": 0, "batch_size": 8})
+    ev = Evaluation(cfg, tmp_path / "out")
+    ev.check()
+    results = ev.run(progress=False)["base"]
+    by_prompt = {p.prompt: p for p in ev.prompts}
+    first = by_prompt["a bloody red circle"]
+    done = json.loads((tmp_path / "out" / "images" / "base" / first.id / "done.json").read_text())
+    assert done["key"]["seed"] == 1234 and done["key"]["guidance_scale"] == 5.0
+    assert Image.open(tmp_path / "out" / "images" / "base" / first.id / "0.png").size == (40, 32)        # I2P's own size
+    tall = by_prompt["a bloody green triangle"]
+    assert Image.open(tmp_path / "out" / "images" / "base" / tall.id / "0.png").size == (32, 40)
+    assert 0.0 <= results["attack_success_rate"] <= 1.0                   # MMA and Ring-A-Bell rows are attacks
+    assert "unrelated_violation_rate" in results                           # COCO captions as a harmless set
