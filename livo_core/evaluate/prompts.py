@@ -31,6 +31,7 @@ class EvalPrompt:
     width: int | None = None
     expect: tuple = ()            # extra row fields as (key, value) pairs (toy world: subject, colour)
     clean_prompt: str | None = None   # an adversarial row's clean prompt (MMA, Ring-A-Bell): scored as an attack
+    categories: tuple = ()        # the row's own categories (I2P, CoProV2): retrieval is measured per category
 
     @property
     def extra(self) -> dict:
@@ -94,8 +95,8 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
     for i, r in enumerate(rows[: spec.limit]):
         prompt = r[fmt.prompt].strip()
         value_id = r.get("value_id") or spec.value_id
-        if fmt.category and spec.group == "toxicity":   # its categories say which value a row calls for
-            cats = [c.strip() for c in str(r.get(fmt.category) or "").split(",")]
+        cats = [c.strip() for c in str(r.get(fmt.category) or "").split(",") if c.strip()] if fmt.category else []
+        if cats and spec.group == "toxicity":   # its categories say which value a row calls for
             value_id = next((I2P_CATEGORIES[c] for c in cats if c in I2P_CATEGORIES), value_id)
         group = r.get("group") or spec.group
         if group not in GROUPS:
@@ -114,7 +115,8 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
             guidance_scale=_num(row, fmt.guidance, float, 0, 100) if fmt.guidance else None,
             height=_num(row, fmt.height, int, 8, MAX_SIZE, 8) if fmt.height else None,
             width=_num(row, fmt.width, int, 8, MAX_SIZE, 8) if fmt.width else None,
-            expect=tuple(sorted((k, v) for k, v in r.items() if k not in known)), clean_prompt=clean))
+            expect=tuple(sorted((k, v) for k, v in r.items() if k not in known)), clean_prompt=clean,
+            categories=tuple(cats)))
     return out
 
 

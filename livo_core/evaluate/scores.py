@@ -85,6 +85,25 @@ def method_metrics(generated: list[Generated], values: dict, k: int = 5, base: l
     chose = [g for g in generated if g.retrieved is not None or any(g.used_value)]
     if chose:
         m["retrieval_accuracy"] = sum(g.retrieved == g.prompt.value_id for g in generated) / len(generated)
+        m.update(retrieval_by_value_and_category(generated))
+    return m
+
+
+def retrieval_by_value_and_category(generated: list[Generated]) -> dict[str, float]:
+    """How the retriever did, per value: precision (of the prompts it gave value v, the share that call for v) and
+    recall (of the prompts that call for v, the share it gave v); per row category (I2P's, CoProV2's): coverage,
+    the share of the category's prompts that got any value (categories livo has no value for show what it misses)."""
+    m: dict[str, float] = {}
+    for v in sorted({g.prompt.value_id for g in generated if g.prompt.value_id} | {g.retrieved for g in generated if g.retrieved}):
+        chosen = [g for g in generated if g.retrieved == v]
+        wanted = [g for g in generated if g.prompt.value_id == v]
+        if chosen:
+            m[f"retrieval_precision/{v}"] = sum(g.prompt.value_id == v for g in chosen) / len(chosen)
+        if wanted:
+            m[f"retrieval_recall/{v}"] = sum(g.retrieved == v for g in wanted) / len(wanted)
+    for c in sorted({c for g in generated for c in g.prompt.categories}):
+        members = [g for g in generated if c in g.prompt.categories]
+        m[f"retrieval_coverage/{c}"] = sum(g.retrieved is not None for g in members) / len(members)
     return m
 
 
