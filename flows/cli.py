@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: livo_core/data/toyworld in the project)")
     b.add_argument("--steps", type=int, help="UNet steps (default: the full build)")
 
+    p = sub.add_parser("model", help="models of a family's shape config (livo_core/data/model_configs)")
+    r = p.add_subparsers(dest="model_command", required=True).add_parser("random", help="a random-weight model of a shape config")
+    r.add_argument("config", help="shape config name, e.g. tiny-sd, tiny-sd2, sd15, sd21 (real widths: shapes, dtypes, memory)")
+    r.add_argument("--out", required=True, help="new folder for the diffusers model")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+
     p = sub.add_parser("demo", help="run the whole LiVO loop on the toy world and measure it")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
@@ -229,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": ("flows.demo", "cli_demo"),
             "nightly": ("flows.nightly", "cli_nightly"),
             "deploy": ("flows.deployments", "cli_deploy"),
+            "model": ("flows.export", "cli_model"),
             "config": ("flows.cli", "cli_config"),
         }
         module, func = handlers[args.command]

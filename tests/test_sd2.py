@@ -39,3 +39,12 @@ def test_sd2_trains_on_velocity_with_zero_terminal_snr_and_generates(tiny_sd2, t
     assert pipe.family.token_width(pipe.pipe) == 48 == pipe.value_encoder.config.hidden_size
     out = pipe("a bloody red circle", num_images=2, steps=2, guidance_scale=5.0, height=32, width=32)
     assert out.used_value_mask == [True, True] and len(out.images) == 2
+
+
+def test_livo_model_random_builds_any_shape_config(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["model", "random", "tiny-sd2", "--out", str(tmp_path / "m")]) == 0
+    assert "sd family" in capsys.readouterr().out and family_for(str(tmp_path / "m")).folder_token_width(tmp_path / "m") == 48
+    assert main(["model", "random", "tiny-clip", "--out", str(tmp_path / "c")]) != 0
+    assert "unknown shape config 'tiny-clip'" in capsys.readouterr().err and not (tmp_path / "c").exists()
