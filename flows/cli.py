@@ -40,6 +40,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def runner_args(p: argparse.ArgumentParser) -> None:
+    """--task-runner / --dask-address / --dask-workers of the commands that render (flows/runners.py)."""
+    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
+    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
+    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true",
@@ -51,16 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="build a preference dataset (prompt pairs -> renders -> judge -> Parquet shards)")
     p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
-    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
-    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
-    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
+    runner_args(p)
     _config_args(p)
 
     p = sub.add_parser("resume", help="finish whatever is incomplete in a dataset run directory")
     p.add_argument("run_dir")
-    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
-    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
-    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
+    runner_args(p)
 
     p = sub.add_parser("train", help="train a value encoder on a dataset run directory")
     p.add_argument("--data", required=True, action="append", help="dataset run directory (repeatable)")
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an evaluation config field, e.g. --set images_per_prompt=8")
     p.add_argument("--overwrite", action="store_true",
                    help="render again the methods whose images in --out were made with another configuration (refused otherwise)")
+    runner_args(p)
 
     p = sub.add_parser("toyworld", help="the toy world: rebuild its models")
     tw = p.add_subparsers(dest="toyworld_command", required=True)

@@ -25,6 +25,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.runners import gpu_annotation, task_runner
 from livo_core.config import RunConfig
 from livo_core.errors import LivoError
 from livo_core.lock import RunLock
@@ -149,7 +151,7 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
             shards = plan_value(cfg, value.id, load_pairs(run, value.id))
             save_value_plan(run, cfg, value.id, shards)
             # The cache is only trusted for shards whose marker is on disk: a shard deleted by hand is rebuilt.
-            with _gpu_annotation(cfg):
+            with gpu_annotation(cfg.device):
                 futures = [(shard if is_complete(run, sid) else shard.with_options(refresh_cache=True))
                            .submit(config, run_dir, sid) for sid in shards]
             with Progress(total=len(futures), desc=f"dataset {value.id}", unit="shard") as bar:
@@ -176,24 +178,6 @@ def _build_dataset(config: dict, cfg: RunConfig, run: Path) -> dict:
     return summary
 
 
-def _gpu_annotation(cfg: RunConfig):
-    """Under a Dask runner with CUDA renders, each shard task asks for the Dask resource GPU=1 (one shard per GPU)."""
-    from contextlib import nullcontext
-
-    from prefect.context import FlowRunContext
-
-    runner = FlowRunContext.get().task_runner
-    if type(runner).__name__ != "DaskTaskRunner":
-        return nullcontext()
-    from livo_core.models import resolve_device
-
-    if resolve_device(cfg.device).type != "cuda":
-        return nullcontext()
-    import dask
-
-    return dask.annotate(resources={"GPU": 1})   # Dask workers must declare --resources GPU=1 (see _task_runner)
-
-
 def _stats_row(shard_id: str, value_id: str, state) -> dict:
     if state.is_completed():
         return shard_row(shard_id, value_id, state.result(), cached=state.name == "Cached")
@@ -205,29 +189,11 @@ def _stats_row(shard_id: str, value_id: str, state) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-def _task_runner(args):
-    if getattr(args, "task_runner", "thread") == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if getattr(args, "dask_address", None):   # an existing cluster; on GPUs its workers need `--nthreads 1 --resources GPU=1`
-            return DaskTaskRunner(address=args.dask_address)
-        import torch
-
-        gpus = torch.cuda.device_count()
-        # Each worker process loads the models once; one thread per worker (pipelines are not thread-safe).
-        # With GPUs: one worker per GPU, each declaring the resource shard tasks ask for (see _gpu_annotation).
-        kwargs = {"n_workers": getattr(args, "dask_workers", None) or gpus or 2, "threads_per_worker": 1, "processes": True}
-        if gpus:
-            kwargs["resources"] = {"GPU": 1}
-        return DaskTaskRunner(cluster_kwargs=kwargs)
-    return ThreadPoolTaskRunner(max_workers=1)
-
-
 def _run(cfg: RunConfig, run_dir: Path, args) -> int:
     from flows.server import ensure_api
 
     ensure_api()   # the inputs are checked: now a Prefect API is worth starting
-    summary = dataset_flow.with_options(task_runner=_task_runner(args))(
+    summary = dataset_flow.with_options(task_runner=task_runner(args))(
         config=cfg.model_dump(mode="json"), run_dir=str(run_dir))
     print(f"livo: {summary['shards_complete']} shard(s) complete in {run_dir}: {summary['kept']} pairs kept, "
           f"rejected {summary['rejected'] or 'none'}; stats in {run_dir / 'stats.md'}")

@@ -1,6 +1,6 @@
-"""The evaluation flow: the paper's evaluation of value encoders on any SD 1.x model, on Prefect.
+"""The evaluation flow: the paper's evaluation of value encoders on a model of a supported family, on Prefect.
 
-    livo evaluate --encoder DIR --out OUT [--config eval.toml] [--set key=value ...] [--preset official]
+    livo evaluate --encoder DIR --out OUT [--config eval.toml] [--set key=value ...] [--preset official] [--task-runner dask]
 
 One task per (method, chunk of prompts) renders the images that are not stored yet (OUT/images/...; a
 killed run renders again only unfinished prompts), then one task judges every image and writes the metrics
@@ -21,9 +21,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import gpu_annotation, task_runner
 from livo_core.config import parse_override
 from livo_core.errors import LivoError
-from livo_core.evaluate import EvalConfig, Evaluation, load_eval_config
+from livo_core.evaluate import EvalConfig, Evaluation
 
 
 _EVALUATIONS: dict[str, Evaluation] = {}
@@ -85,11 +86,14 @@ def evaluation_flow(config: dict, out_dir: str, overwrite: bool = False) -> dict
             ev.claim(m.name, overwrite)
         atomic_write_text(out / "eval_config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
         chunks = ev.chunks()
-        with Progress(total=len(cfg.methods) * len(chunks), desc="evaluate: render", unit="chunk") as bar:
-            for m in cfg.methods:
-                for k, ids in enumerate(chunks):
-                    render_task(config, out_dir, m.name, k, ids)
-                    bar.update(1)
+        # In flight together: one thread takes them in order; a Dask cluster spreads them over its worker processes
+        # (one per GPU), each loading the models once. Stored images do not depend on which process made them.
+        with gpu_annotation(cfg.device):
+            futures = [render_task.submit(config, out_dir, m.name, k, ids) for m in cfg.methods for k, ids in enumerate(chunks)]
+        with Progress(total=len(futures), desc="evaluate: render", unit="chunk") as bar:
+            for future in futures:
+                future.result()   # the first failure ends the flow with the task's own error
+                bar.update(1)
         results = report_task(config, out_dir)
     log.info("evaluation report: %s", out / "report.md")
     return results
@@ -105,7 +109,7 @@ def check_eval_inputs(cfg: EvalConfig, out: Path, overwrite: bool = False) -> No
 
 def cli_evaluate(args) -> int:
     """`livo evaluate`: build the config (preset < --config < --encoder/--set), check it, run the flow."""
-    from livo_core.config import _read_file, preset_file
+    from livo_core.config import load_job_config
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.encoder:
@@ -114,18 +118,14 @@ def cli_evaluate(args) -> int:
         overrides["base_model"] = args.base_model
     if args.methods:
         overrides["methods"] = [_method_from_flag(m) for m in args.methods.split(",")]
-    data = {}
-    if args.preset:   # shipped presets name the package's data relative to themselves (livo_core.config)
-        data.update(_read_file(preset_file("evaluate", args.preset)))
-    if args.config:
-        data.update(_read_file(Path(args.config)))
-    cfg = load_eval_config(None, {**data, **overrides})
+    cfg = load_job_config(EvalConfig, "evaluate", args.config, args.preset, overrides)   # the one loader
     out = Path(args.out)
     check_eval_inputs(cfg, out, args.overwrite)
     from flows.server import ensure_api
 
     ensure_api()
-    results = evaluation_flow(config=cfg.model_dump(mode="json"), out_dir=str(out), overwrite=args.overwrite)
+    results = evaluation_flow.with_options(task_runner=task_runner(args))(
+        config=cfg.model_dump(mode="json"), out_dir=str(out), overwrite=args.overwrite)
     for name, m in results.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and "/" not in k)
         print(f"livo: {name}: {shown}")

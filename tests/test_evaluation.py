@@ -360,6 +360,25 @@ def test_kill_during_evaluate_then_rerun_renders_only_what_is_missing(world, tin
     assert a == b
 
 
+@pytest.mark.slow
+def test_dask_task_runner_stores_the_same_images_and_metrics(world, tiny_sd, tiny_clip, tmp_path, prefect_harness, monkeypatch):
+    """`livo evaluate --task-runner dask`: a LocalCluster of 2 worker processes renders the chunks; every stored
+    image is byte-identical to the thread runner's, and so are the metrics."""
+    from flows.cli import main
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_harness)   # the workers report to this session's API
+    cfg = config(world, tiny_sd, tiny_clip, chunk_size=2, methods=[{"name": "base", "kind": "base"}, {"name": "livo", "kind": "livo"}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["evaluate", "--config", str(tmp_path / "c.yaml")]
+    assert main([*args, "--out", str(tmp_path / "thread")]) == 0
+    assert main([*args, "--out", str(tmp_path / "dask"), "--task-runner", "dask", "--dask-workers", "2"]) == 0
+    stored = {d: {p.relative_to(tmp_path / d): p.read_bytes() for p in (tmp_path / d / "images").rglob("*.png")}
+              for d in ("thread", "dask")}
+    assert len(stored["thread"]) == 2 * 12 and stored["thread"] == stored["dask"]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["methods"] for d in ("thread", "dask"))
+    assert a == b
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"methods": [{"name": "base", "kind": "base"}, {"name": "x", "kind": "dreambooth"}]}, "'methods.1.kind'"),
     ({"encoder": "/no/such/encoder"}, "no value encoder in /no/such/encoder"),
