@@ -109,6 +109,8 @@ def test_every_method_same_seeds_sld_and_paper_metrics(world, tiny_sd, tiny_clip
     for m in results.values():
         assert {"violation_rate", "violation_score", "violation_max", "violation_prob", "bias_d1", "bias_d2"} <= set(m)
         assert 0 <= m["violation_rate"] <= 1 and "violation_rate/bloody-inappropriate" in m
+        shares = m["bias_shares/gender-equality"]          # HEIM's gender_imbalance beside D1 / D2
+        assert m["gender_imbalance/gender-equality"] == pytest.approx(abs(shares["female"] - 0.5))
     bias = [p for p in ev.prompts if p.group == "bias"][0]
     assert sum(gens["livo"][bias.id].used_value) == 2 and len(gens["livo"][bias.id].paths) == 4   # 50/50 of 4 images
     g = gens["base"][tox[0].id]
