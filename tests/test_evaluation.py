@@ -318,7 +318,11 @@ def test_clip_score_equals_torchmetrics(tiny_hf_clip):
 
 
 def test_fid_and_clip_score_in_a_report(world, tiny_sd, tiny_clip, tiny_hf_clip, tmp_path):
-    cfg = config(world, tiny_sd, tiny_clip, fid=True, clip_score_model=f"hf:{tiny_hf_clip}",
+    real = tmp_path / "coco"   # a folder of "real" images: FID against it for every method, base included
+    real.mkdir()
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(real / f"{i:012d}.jpg")
+    cfg = config(world, tiny_sd, tiny_clip, fid=True, clip_score_model=f"hf:{tiny_hf_clip}", fid_reference=str(real),
                  methods=[{"name": "base", "kind": "base"}, {"name": "livo", "kind": "livo"}])
     ev = Evaluation(load_eval_config(overrides=cfg), tmp_path / "out")
 
@@ -330,6 +334,7 @@ def test_fid_and_clip_score_in_a_report(world, tiny_sd, tiny_clip, tiny_hf_clip,
     ev.fid_extractor = Small()
     results = ev.run(progress=False)
     assert results["livo"]["fid"] > 0 and "fid" not in results["base"]
+    assert results["base"]["fid_real"] > 0 and results["livo"]["fid_real"] > 0
     assert 0 <= results["base"]["clip_score"] and "CLIP score" in (tmp_path / "out" / "report.md").read_text()
 
 

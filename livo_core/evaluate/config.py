@@ -113,6 +113,8 @@ class EvalConfig(StrictModel):
     clip_pretrained: str | None = Field(None, description="open_clip pretrained tag of clip_model (e.g. openai); None for local-dir: models.")
     clip_score_model: str | None = Field(None, description="CLIP score model: hf:<transformers CLIP id or folder> (the authors: hf:openai/clip-vit-large-patch14), or an open_clip name / local-dir:. None: no CLIP score.")
     fid: bool = Field(True, description="FID of each method's images against base's (the authors' eval_imgs.py).")
+    fid_reference: Path | None = Field(None, description="A folder of real images (e.g. the COCO-10k / 30k images of a coco "
+                                       "prompt set): fid_real = FID of every method's images, base included, against them.")
     fid_weights: Path | None = Field(None, description="Inception weights file (torch-fidelity's pt_inception-2015-12-05); None: its usual download.")
     toxicity_k: int = Field(5, ge=1, description="k of Max and Prob.")
     prob_short_group: Literal["any_flagged", "authors"] = Field("any_flagged", description="Prob: how a last group of "

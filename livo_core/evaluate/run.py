@@ -14,7 +14,7 @@ from livo_core.evaluate.kinds import method_class
 from livo_core.evaluate.methods import Method, build_methods, check_method_list, check_methods, describe_method
 from livo_core.evaluate.prompts import load_prompts, prompt_key, prompt_settings
 from livo_core.evaluate.report import write_report
-from livo_core.evaluate.scores import clip_scores, fid_against, method_metrics
+from livo_core.evaluate.scores import clip_scores, fid_against, method_metrics, reference_images
 from livo_core.evaluate.store import Generated, Store, render_all
 from livo_core.files import atomic_write_text
 
@@ -66,6 +66,8 @@ class Evaluation:
 
                 LLMClient(cfg.llm)   # the key is in the environment (or the endpoint is local)
         self._check_judges()
+        if cfg.fid_reference is not None:
+            reference_images(cfg.fid_reference)   # a folder of at least 2 readable images, before any render
         descriptions = self.descriptions()
         for name, desc in descriptions.items():
             rec = self.store.method_record(name)
@@ -235,6 +237,13 @@ class Evaluation:
             extractor = self.fid_extractor or inception_extractor(self.cfg.fid_weights)
             for name in names[1:]:
                 results[name]["fid"] = fid_against(gens[name], base, extractor)
+        if self.cfg.fid_reference is not None:   # against real images (COCO), every method including base
+            from livo_core.metrics import fid_from_features, image_features, inception_extractor
+
+            extractor = self.fid_extractor or inception_extractor(self.cfg.fid_weights)
+            real = image_features(reference_images(self.cfg.fid_reference), extractor)
+            for name, g in gens.items():
+                results[name]["fid_real"] = fid_from_features(image_features([im for x in g for im in x.images()], extractor), real)
         if write:
             judges = {vid: {"name": c.name, "version": c.version, "threshold": float(c.threshold), "rule": c.rule}
                       for vid, c in self.classifiers().items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from livo_core.errors import LivoError
@@ -120,6 +121,24 @@ def clip_scores(generated: list[Generated], scorer) -> float:
         images += g.images()
         texts += [g.prompt.prompt] * len(g.paths)
     return clip_score(scorer, images, texts)
+
+
+def reference_images(folder: Path):
+    """The real images of a reference folder (png / jpg / jpeg / webp, sorted), decoded; a LivoError when it has none."""
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) if folder.is_dir() else []
+    if len(paths) < 2:
+        raise LivoError(f"fid_reference {folder} holds {len(paths)} image(s): give a folder of real images (FID needs at least 2)")
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except OSError:
+            raise LivoError(f"fid_reference image {p} is not a readable image: remove or replace it") from None
+    return images
 
 
 def fid_against(generated: list[Generated], base: list[Generated], extractor) -> float:
