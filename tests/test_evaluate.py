@@ -242,6 +242,7 @@ def test_unet_dpo_trains_a_copy_against_the_frozen_unet(world_pairs, tiny_sd, ti
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_unet_dpo_resumes_through_the_one_training_loop(world_pairs, tmp_path):
     """The UNet baseline is the trainer's own loop: 2 steps then --resume latest to 4 equals 4 steps at once."""
     from safetensors.torch import load_file

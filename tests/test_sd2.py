@@ -17,6 +17,7 @@ def tiny_sd2(tmp_path_factory):
     return build_random_model(tmp_path_factory.mktemp("sd2") / "tiny-sd2", "tiny-sd2")
 
 
+@pytest.mark.slow
 def test_sd2_trains_on_velocity_with_zero_terminal_snr_and_generates(tiny_sd2, tmp_path):
     from livo_core.infer import load_livo_pipeline
     from livo_core.paths import TOYWORLD_DIR
