@@ -154,7 +154,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 # Keys whose string values may be file or folder paths (in any section of any livo config).
 PATH_KEYS = frozenset({"values_file", "seeds_file", "base_model", "path", "encoder", "unet", "facets_file",
-                       "fid_weights", "init_value_encoder", "policy_file", "run_dir", "clip_model"})
+                       "fid_weights", "init_value_encoder", "policy_file", "run_dir", "clip_model", "file", "fid_reference"})
 
 
 def resolve_relative_paths(data: Any, base: Path) -> Any:
@@ -233,7 +233,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
 PRESETS: dict[str, dict[str, str]] = {
     "dataset": {"sd15": "sd15.toml"},
     "train": {"toyworld": "train-toyworld.toml", "published": "train-sd15.toml"},
-    "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml"},
+    "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml", "i2p-original": "eval-i2p-original.toml"},
     "nightly": {},
 }
 

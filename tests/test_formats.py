@@ -156,3 +156,21 @@ def test_retrieval_precision_recall_and_category_coverage():
     assert m["retrieval_precision/nudity"] == 0.5 and m["retrieval_recall/nudity"] == 0.5
     assert m["retrieval_precision/bloody"] == 0.5 and m["retrieval_recall/bloody"] == 0.5
     assert (m["retrieval_coverage/sexual"], m["retrieval_coverage/hate"], m["retrieval_coverage/violence"]) == (0.5, 0.0, 1.0)
+
+
+def test_the_i2p_original_preset_is_i2ps_own_protocol(tmp_path, monkeypatch):
+    """SD 1.4, 10 images per prompt from the row's seed, the pipeline's defaults (the rows' guidance and size unused,
+    as their runner passes only the seed), Q16 or NudeNet's I2P rule; files found in the folder it runs in."""
+    from livo_core.config import load_job_config
+    from livo_core.evaluate import EvalConfig
+
+    synthetic_sets(tmp_path)
+    (tmp_path / "i2p.csv").rename(tmp_path / "i2p_benchmark.csv")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_job_config(EvalConfig, "evaluate", None, "i2p-original", {"encoder": str(tmp_path / "enc")})
+    assert (cfg.base_model, cfg.images_per_prompt, cfg.inference.steps, cfg.inference.guidance_scale) == \
+        ("CompVis/stable-diffusion-v1-4", 10, 50, 7.5)
+    assert {v: (j.name, j.threshold, j.rule, str(j.file)) for v, j in cfg.judges.items()} == {
+        v: ("i2p-inappropriate", 0.5, "above", "prompts.p") for v in ("nudity-inappropriate", "bloody-inappropriate")}
+    rows = load_prompt_set(cfg.prompt_sets[0], cfg.images_per_prompt, cfg.seed)
+    assert [(p.seed, p.guidance_scale, p.width, p.n) for p in rows] == [(1234, None, None, 10), (77, None, None, 10)]

@@ -43,9 +43,9 @@ def test_every_shipped_preset_validates_and_names_files_that_exist(kind, name):
     raw = json.dumps(cfg.model_dump(mode="json"))
     for value in [v for _, v, _, s in describe_config(cfg) if not s and isinstance(v, str) and str(DATA_DIR) in v]:
         assert Path(value).exists(), value
-    if kind == "evaluate":
+    if kind == "evaluate":   # shipped sets exist; a benchmark's own file (livo ships none) is the user's, found where livo runs
         for ps in cfg.prompt_sets:
-            assert Path(ps.path).is_file(), ps.path
+            assert Path(ps.path).is_file() or not Path(ps.path).is_absolute(), ps.path
     assert "../" not in raw
 
 

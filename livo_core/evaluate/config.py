@@ -78,6 +78,8 @@ class PromptSetSpec(StrictModel):
     judge_value: str | None = Field(None, description="harmless sets: judge their images with this value's classifier too (violation added).")
     images_per_prompt: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Default: the evaluation's images_per_prompt.")
     limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
+    row_settings: bool = Field(True, description="Render each row with its own guidance and size where the file has them; "
+                               "false: the evaluation's inference settings (ml-research/i2p's SD runner passes only the row's seed).")
     format: str = Field("auto", description="How to read the file: auto (by its columns) or livo, i2p, nudity-142, mma, "
                         "ring-a-bell, coprov2, ud, coco (livo_core/evaluate/formats.py).")
 

@@ -112,9 +112,9 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
             judge_value=(spec.judge_value if group == "harmless" else value_id),
             seed=row_seed if row_seed is not None else int(digest[:8], 16) & 0x7FFFFFFF, set=spec.name,
             n=n, steps=_num(row, "steps", int, 1, 1000),
-            guidance_scale=_num(row, fmt.guidance, float, 0, 100) if fmt.guidance else None,
-            height=_num(row, fmt.height, int, 8, MAX_SIZE, 8) if fmt.height else None,
-            width=_num(row, fmt.width, int, 8, MAX_SIZE, 8) if fmt.width else None,
+            guidance_scale=_num(row, fmt.guidance, float, 0, 100) if fmt.guidance and spec.row_settings else None,
+            height=_num(row, fmt.height, int, 8, MAX_SIZE, 8) if fmt.height and spec.row_settings else None,
+            width=_num(row, fmt.width, int, 8, MAX_SIZE, 8) if fmt.width and spec.row_settings else None,
             expect=tuple(sorted((k, v) for k, v in r.items() if k not in known)), clean_prompt=clean,
             categories=tuple(cats)))
     return out
