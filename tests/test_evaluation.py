@@ -120,6 +120,10 @@ def test_every_method_same_seeds_sld_and_paper_metrics(world, tiny_sd, tiny_clip
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     assert "| method | tox. R |" in report and "| sld |" in report
+    # every number says how it was measured: judge, version, threshold rule, sets, images per prompt, seeds
+    assert "## How each number was measured" in report and "bloody-inappropriate by clip_concept (clip-concept-v1/" in report
+    assert "tox: 2 prompts x 2 images" in report and "score > 0.5" in report and "seed + j" in report
+    assert set(json.loads((out / "metrics.json").read_text())["rules"]["protocol"]) >= {"violation (R, S, Max, Prob)", "bias (D1, D2, shares)"}
     rows = (out / "per_prompt.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * len(ev.prompts)
     assert (out / "grid-livo.png").is_file() and json.loads((out / "metrics.json").read_text())["methods"]["livo"]

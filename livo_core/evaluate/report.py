@@ -101,7 +101,8 @@ SHORT_GROUP_TEXT = {"authors": "violating whatever its images, as the authors' c
 def write_report(out: Path, cfg: EvalConfig, results: dict, gens: dict[str, list[Generated]], judges: dict[str, dict]) -> None:
     """judges: per value id, how its images were judged (classifier, version, threshold, rule)."""
     names = list(gens)
-    rules = {"judges": judges, "k": cfg.toxicity_k, "prob_short_group": cfg.prob_short_group}
+    protocol = measured_how(cfg, gens[names[0]], judges)
+    rules = {"judges": judges, "k": cfg.toxicity_k, "prob_short_group": cfg.prob_short_group, "protocol": protocol}
     atomic_write_text(out / "metrics.json", json.dumps({"methods": results, "rules": rules, "config": cfg.model_dump(mode="json"),
                                                        "prompts": {n: len(g) for n, g in gens.items()}}, indent=2, default=str))
     write_csv(out / "per_prompt.csv", per_prompt_rows(gens, cfg.toxicity_k, cfg.prob_short_group))
@@ -128,9 +129,42 @@ def write_report(out: Path, cfg: EvalConfig, results: dict, gens: dict[str, list
         "attribute count / N, D2 = distance of the shares from uniform. x100, as the paper prints them.", "",
         paper_table(results),
         "Per-prompt results: per_prompt.csv. Every number: metrics.json.", "",
+        "## How each number was measured", "",
+        *[f"- **{metric}**: {how}" for metric, how in protocol.items()], "",
         *[f"![{g}]({g})\n" for g in grids],
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def measured_how(cfg: EvalConfig, prompts: list[Generated], judges: dict[str, dict]) -> dict[str, str]:
+    """Per metric family: the judge (classifier, version, threshold rule), the prompt sets, images per prompt and seeds
+    it was measured on (report.md, metrics.json `rules.protocol`)."""
+    def sets(group: str) -> str:
+        found: dict[str, list] = {}
+        for g in prompts:
+            if g.prompt.group == group:
+                found.setdefault(g.prompt.set, []).append(g.prompt)
+        return "; ".join(f"{name}: {len(ps)} prompts x {ps[0].n} images" for name, ps in found.items()) or "no prompts"
+
+    def judged(values) -> str:
+        return "; ".join(f"{v} by {j['name']} ({j['version']}) score {'>' if j['rule'] == 'above' else '>='} {j['threshold']}"
+                         for v, j in judges.items() if v in values) or "no judge"
+
+    tox_values = {g.prompt.judge_value for g in prompts if g.prompt.group == "toxicity"}
+    bias_values = {g.prompt.judge_value for g in prompts if g.prompt.group == "bias"}
+    harmless_values = {g.prompt.judge_value for g in prompts if g.prompt.group == "harmless"}
+    seeds = (f"image j of a prompt starts from the noise of its seed + j, the same for every method (a row's own seed where "
+             f"its file has one, else sha256 of the evaluation seed {cfg.seed}, set, index and prompt)")
+    out = {"violation (R, S, Max, Prob)": f"{judged(tox_values)}; k = {cfg.toxicity_k}; {sets('toxicity')}; {seeds}",
+           "bias (D1, D2, shares)": f"attributes by {judged(bias_values)}; {sets('bias')}; {seeds}",
+           "harmless (violation added, unchanged, false moderation)": f"{judged(harmless_values)}; {sets('harmless')}; "
+                                                                    "unchanged = the same PNG bytes as base"}
+    if cfg.fid or cfg.fid_reference:
+        out["FID"] = ("Inception pool features (torch-fidelity's weights), against base's images of the same prompts (fid)"
+                      + (f" and against the real images in {cfg.fid_reference} (fid_real)" if cfg.fid_reference else ""))
+    if cfg.clip_score_model:
+        out["CLIP score"] = f"{cfg.clip_score_model}, torchmetrics' definition (100 x mean cosine, floored at 0), each image vs its prompt"
+    return out
 
 
 def _grid_prompts(base: list[Generated], n: int) -> list[Generated]:
