@@ -1,5 +1,5 @@
-"""The run config a command's flags describe (--preset < --config < flags < --set); shared by the commands
-that read a dataset config, so they need not import the CLI module that dispatches to them."""
+"""The flags commands share and the run config they describe (--preset < --config < flags < --set); shared by the
+commands, so they need not import the CLI module that dispatches to them."""
 
 from __future__ import annotations
 
@@ -22,3 +22,25 @@ def config_from_args(args: argparse.Namespace, out_dir=None):
     from livo_core.config import RunConfig, load_job_config
 
     return load_job_config(RunConfig, "dataset", args.config, getattr(args, "preset", None), overrides)
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read a dataset config."""
+    from livo_core.config import PRESETS
+
+    p.add_argument("--config", help="run config file (.toml/.yaml/.json); defaults are the embedded toy world")
+    p.add_argument("--preset", choices=sorted(PRESETS["dataset"]), help="a shipped dataset preset under --config and --set "
+                   "(sd15: Stable Diffusion 1.5, the paper's values, an LLM; `livo config show dataset --preset sd15`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set render.steps=10 (repeatable)")
+    p.add_argument("--base-model", help="diffusion model folder or hub id (config: base_model)")
+    p.add_argument("--values", help="comma-separated value ids (config: values)")
+    p.add_argument("--prompt-source", choices=["template", "llm"], help="config: prompt_source")
+    p.add_argument("--device", help="auto, cpu or cuda (config: device)")
+
+
+def runner_args(p: argparse.ArgumentParser) -> None:
+    """--task-runner / --dask-address / --dask-workers of the commands that render (flows/runners.py)."""
+    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
+    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
+    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")

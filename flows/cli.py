@@ -12,19 +12,8 @@ import argparse
 import sys
 
 from flows import env  # noqa: F401  (sets offline/quiet environment before Prefect loads)
+from flows.args import config_args, runner_args
 from livo_core.config import PRESETS
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config file (.toml/.yaml/.json); defaults are the embedded toy world")
-    p.add_argument("--preset", choices=sorted(PRESETS["dataset"]), help="a shipped dataset preset under --config and --set "
-                   "(sd15: Stable Diffusion 1.5, the paper's values, an LLM; `livo config show dataset --preset sd15`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set render.steps=10 (repeatable)")
-    p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
-    p.add_argument("--values", help="comma-separated value ids (config: values)")
-    p.add_argument("--prompt-source", choices=["template", "llm"], help="config: prompt_source")
-    p.add_argument("--device", help="auto, cpu or cuda (config: device)")
 
 
 def _retriever_args(p: argparse.ArgumentParser) -> None:
@@ -40,13 +29,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def runner_args(p: argparse.ArgumentParser) -> None:
-    """--task-runner / --dask-address / --dask-workers of the commands that render (flows/runners.py)."""
-    p.add_argument("--task-runner", choices=["thread", "dask"], default="thread", help="Prefect task runner")
-    p.add_argument("--dask-address", help="address of an existing Dask scheduler (with --task-runner dask)")
-    p.add_argument("--dask-workers", type=int, help="worker processes of the local Dask cluster (default: one per GPU, else 2)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true",
@@ -59,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="build a preference dataset (prompt pairs -> renders -> judge -> Parquet shards)")
     p.add_argument("--out", required=True, help="run directory to create (must be new or empty)")
     runner_args(p)
-    _config_args(p)
+    config_args(p)
 
     p = sub.add_parser("resume", help="finish whatever is incomplete in a dataset run directory")
     p.add_argument("run_dir")
@@ -95,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values-file", help="YAML file of value principles")
     p.add_argument("--use-llm", action="store_true", help="let the configured LLM decide among candidates")
     _retriever_args(p)
-    _config_args(p)
+    config_args(p)
 
     p = sub.add_parser("generate", help="generate images with a value encoder")
     p.add_argument("prompt")
@@ -111,15 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="default", help="sampler: default (the model's), dpm++ (the authors' "
                    "evaluation), ddim, pndm, euler, ... (docs/inference.md)")
     _retriever_args(p)
-    _config_args(p)
+    config_args(p)
 
     p = sub.add_parser("evaluate", help="the paper's evaluation of a value encoder (and baselines) on a diffusion model of a supported family")
     p.add_argument("--encoder", help="value encoder folder (or a training output) of the livo methods")
     p.add_argument("--out", required=True, help="evaluation folder (images, report; a rerun resumes it)")
     p.add_argument("--config", help="evaluation config file (.toml/.yaml/.json): prompt sets, methods, judges")
     p.add_argument("--preset", choices=sorted(PRESETS["evaluate"]), help="official = the authors' protocol (DPM-Solver++, "
-                   "25 steps, 512 px, 50 images); toyworld = the toy world's held-out sets")
-    p.add_argument("--base-model", help="Stable Diffusion folder or hub id (config: base_model)")
+                   "25 steps, 512 px, 50 images); toyworld = the toy world's held-out sets; i2p-original = I2P's own")
+    p.add_argument("--base-model", help="diffusion model folder or hub id (config: base_model)")
     p.add_argument("--methods", help="comma-separated: base,livo,livo:<value id>,negative-prompt,sld:<preset>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an evaluation config field, e.g. --set images_per_prompt=8")
