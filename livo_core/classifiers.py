@@ -45,6 +45,7 @@ CLASSIFIERS: dict[str, ClassifierEntry] = {
     "nudenet-unlearndiffatk-9": ClassifierEntry("livo_core.protocols:NudeNetUnlearnDiffAtk", "toxicity"),
     "nudenet-genitalia": ClassifierEntry("livo_core.protocols:NudeNetGenitalia", "toxicity"),
     "i2p-inappropriate": ClassifierEntry("livo_core.protocols:I2PInappropriate", "toxicity", needs_clip=True, needs_file=True),
+    "q16-or-genitalia": ClassifierEntry("livo_core.protocols:Q16OrGenitalia", "toxicity", needs_clip=True, needs_file=True),
 }
 
 
@@ -94,7 +95,7 @@ class ClassifierChoice(BaseModel):
                              "confidence past which an attribute is assigned. Past = by `rule`.")
     rule: Rule = Field("at_or_above", description="at_or_above: score >= threshold; above: score > threshold "
                        "(the authors' evaluation).")
-    file: Path | None = Field(None, description="A file the classifier reads (q16, i2p-inappropriate: Q16's prompts.p, "
+    file: Path | None = Field(None, description="A file the classifier reads (q16, i2p-inappropriate, q16-or-genitalia: Q16's prompts.p, "
                               "or an .npy / .safetensors of it).")
 
     @field_validator("name")

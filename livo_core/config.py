@@ -233,7 +233,9 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
 PRESETS: dict[str, dict[str, str]] = {
     "dataset": {"sd15": "sd15.toml"},
     "train": {"toyworld": "train-toyworld.toml", "published": "train-sd15.toml"},
-    "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml", "i2p-original": "eval-i2p-original.toml"},
+    "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml", "i2p-original": "eval-i2p-original.toml",
+                 "safetydpo-ip": "eval-safetydpo-ip.toml", "unlearndiffatk-nudity": "eval-unlearndiffatk-nudity.toml",
+                 "heim-bias": "eval-heim-bias.toml"},
     "nightly": {},
 }
 
@@ -273,13 +275,14 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def describe_config(cfg: BaseModel, prefix: str = "") -> list[tuple[str, Any, str, bool]]:
     """(dotted field, value, description, is a section) of every field of a config, sections expanded."""
     rows = []
+    dumped = cfg.model_dump(mode="json")   # lists and maps of sections (prompt sets, judges) as plain JSON
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         if isinstance(value, BaseModel):
             rows.append((prefix + name, None, field.description or "", True))
             rows += describe_config(value, prefix + name + ".")
         else:
-            rows.append((prefix + name, json.loads(json.dumps(value, default=str)), field.description or "", False))
+            rows.append((prefix + name, dumped[name], field.description or "", False))
     return rows
 
 

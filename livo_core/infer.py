@@ -53,6 +53,7 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),                     # UnlearnDiffAtk's renders (needs scipy)
 }
 
 
@@ -65,6 +66,11 @@ def set_scheduler(pipe, name: str):
     import diffusers
 
     cls_name, extra = SCHEDULERS[name]
+    if name == "lms":
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:   # diffusers' LMS integrates its coefficients with scipy
+            raise LivoError("scheduler lms needs scipy, which is not installed: pip install scipy (or choose another scheduler)")
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
     return pipe
 

@@ -172,6 +172,12 @@ def make_clip_scorer(model: str, pretrained: str | None = None, device: str = "a
     """`hf:<id or folder>` -> HFClipScorer (transformers); anything else -> ClipScorer (open_clip)."""
     if model.startswith("hf:"):
         return HFClipScorer(model.removeprefix("hf:"), device=device)
+    if pretrained is None and not model.startswith("local-dir:"):
+        name, _, pretrained = model.partition("/")   # "ViT-H-14/laion2b_s32b_b79k": an open_clip name and its tag
+        if not pretrained:   # open_clip would build the model with random weights and say nothing
+            raise LivoError(f"CLIP model {model!r} names no weights: write <open_clip name>/<pretrained tag> "
+                            "(e.g. ViT-H-14/laion2b_s32b_b79k), hf:<id or folder>, or local-dir:<folder>")
+        model = name
     return ClipScorer(model, pretrained, device=device)
 
 

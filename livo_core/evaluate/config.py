@@ -22,7 +22,7 @@ MAX_SIZE = 4096                  # pixels per side
 
 class InferenceSettings(StrictModel):
     layout: Literal["livo", "official"] = Field("livo", description="Token layout: livo = as training (78 tokens); official = the authors' script (see livo_core.infer).")
-    scheduler: str = Field("default", description="Sampler: default (the model's), dpm++ (the authors'), ddim, pndm, euler, euler-a, ddpm.")
+    scheduler: str = Field("default", description="Sampler: default (the model's), dpm++ (the authors'), ddim, pndm, euler, euler-a, ddpm, lms (needs scipy).")
     steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale.")
     height: int | None = Field(None, ge=8, le=MAX_SIZE, description="Image height, a multiple of 8 (None: the model's default, 512 for SD 1.5).")
@@ -113,7 +113,7 @@ class EvalConfig(StrictModel):
     judges: dict[str, JudgeChoice] = Field(default_factory=dict, description="Per value id: override the values file's classifier (without one: its name and threshold, rule above).")
     clip_model: str | None = Field(None, description="Judge CLIP (open_clip name or local-dir:) for the clip_* classifiers and the retriever.")
     clip_pretrained: str | None = Field(None, description="open_clip pretrained tag of clip_model (e.g. openai); None for local-dir: models.")
-    clip_score_model: str | None = Field(None, description="CLIP score model: hf:<transformers CLIP id or folder> (the authors: hf:openai/clip-vit-large-patch14), or an open_clip name / local-dir:. None: no CLIP score.")
+    clip_score_model: str | None = Field(None, description="CLIP score model: hf:<transformers CLIP id or folder> (the authors: hf:openai/clip-vit-large-patch14), or <open_clip name>/<pretrained tag> (PSAlign: ViT-H-14/laion2b_s32b_b79k), or local-dir:. None: no CLIP score.")
     fid: bool = Field(True, description="FID of each method's images against base's (the authors' eval_imgs.py).")
     fid_reference: Path | None = Field(None, description="A folder of real images (e.g. the COCO-10k / 30k images of a coco "
                                        "prompt set): fid_real = FID of every method's images, base included, against them.")
@@ -129,6 +129,14 @@ class EvalConfig(StrictModel):
                             "always of this size (the last one padded), so an image does not depend on its neighbours.")
     quality: Literal["none", "toyworld"] = Field("none", description="A quality judge of the images against their prompts (toyworld: its detectors -> fidelity).")
     grids: int = Field(6, ge=0, description="Prompts per comparison grid (base vs each method); 0 = none.")
+
+    @field_validator("clip_score_model")
+    @classmethod
+    def _clip_weights_named(cls, v):
+        if v and not v.startswith(("hf:", "local-dir:")) and not v.partition("/")[2]:   # else random open_clip weights
+            raise ValueError(f"{v!r} names no weights: write <open_clip name>/<pretrained tag> (e.g. "
+                             "ViT-H-14/laion2b_s32b_b79k), hf:<id or folder>, or local-dir:<folder>")
+        return v
 
     def judge_choice(self, value) -> JudgeChoice:
         """How `value`'s images are judged: `judges[value.id]`, else the values file's classifier and threshold by

@@ -93,7 +93,7 @@ def load_prompt_set(spec: PromptSetSpec, images_per_prompt: int, seed: int) -> l
     known = used | {"value_id", "group", "steps", "", "Unnamed: 0"}
     out = []
     for i, r in enumerate(rows[: spec.limit]):
-        prompt = r[fmt.prompt].strip()
+        prompt = fmt.template.format(r[fmt.prompt].strip())
         value_id = r.get("value_id") or spec.value_id
         cats = [c.strip() for c in str(r.get(fmt.category) or "").split(",") if c.strip()] if fmt.category else []
         if cats and spec.group == "toxicity":   # its categories say which value a row calls for
