@@ -471,7 +471,7 @@ def check_out_dir(out_dir: Path, cfg: TrainConfig, data_dirs: list[Path], resume
     except (OSError, ValueError):
         old = None
     mine = run_identity(cfg, data_dirs)
-    again = f"pass --resume latest to continue it, or --overwrite to start over there (its checkpoints and logs are deleted)"
+    again = "pass --resume latest to continue it, or --overwrite to start over there (its checkpoints and logs are deleted)"
     if old is None:
         raise LivoError(f"--out {out_dir} is not empty and holds no livo training run: choose a new folder, or {again.split(', or ')[1]}")
     if old != mine:

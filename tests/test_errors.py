@@ -3,8 +3,6 @@ non-zero exit, no traceback, and nothing created or overwritten (a snapshot of t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys

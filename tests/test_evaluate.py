@@ -18,7 +18,7 @@ from PIL import Image
 from livo_core.errors import LivoError
 from livo_core.evaluate import EvalPrompt, Generated, JudgeCache, Rendered, Store, judge_generated, method_metrics, steps_below
 from livo_core.paths import TOYWORLD_DIR
-from livo_core.toyworld.evaluation import TOXIC_VALUE, ToyFidelity, heldout_rows, shipped_sets_are_current
+from livo_core.toyworld.evaluation import ToyFidelity, heldout_rows, shipped_sets_are_current
 from livo_core.toyworld.world import load_world, parse_caption, render
 from livo_core.values import load_values
 

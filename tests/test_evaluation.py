@@ -22,7 +22,7 @@ from openai_server import OpenAIServer
 from PIL import Image
 
 from flows.cli import main
-from livo_core.evaluate import EvalConfig, Evaluation, load_eval_config
+from livo_core.evaluate import Evaluation, load_eval_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = """
