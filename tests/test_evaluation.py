@@ -390,6 +390,57 @@ def test_dask_task_runner_stores_the_same_images_and_metrics(world, tiny_sd, tin
     assert a == b
 
 
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_run_loses_no_finished_image(world, tiny_sd, tiny_clip, tmp_path, prefect_harness):
+    """kill -9 of one Dask worker process while it renders: Dask runs its task again on a restarted worker, the
+    images finished before the kill stay as they were (not rendered again), and the run ends with the images
+    and metrics of the thread runner."""
+    import psutil
+
+    cfg = config(world, tiny_sd, tiny_clip, chunk_size=1, methods=[{"name": "base", "kind": "base"}, {"name": "livo", "kind": "livo"}],
+                 inference={"steps": 12, "guidance_scale": 2.0, "height": 32, "width": 32})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_harness}
+    args = [sys.executable, "-m", "flows.cli", "evaluate", "--config", str(tmp_path / "c.yaml")]
+    clean = subprocess.run([*args, "--out", str(tmp_path / "thread")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "dask"
+    proc = subprocess.Popen([*args, "--out", str(out), "--task-runner", "dask", "--dask-workers", "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while len(list(out.glob("images/*/*/done.json"))) < 4:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())
+                   and any("torch" in m.path for m in c.memory_maps())]   # the worker processes (they have loaded torch)
+        assert workers
+        done = {p: p.stat().st_mtime_ns for p in out.glob("images/*/*/*.png") if (p.parent / "done.json").is_file()}
+        first = {w.pid for w in workers}
+        workers[0].kill()
+        restarted = set()
+        while proc.poll() is None and time.monotonic() < deadline + 200:   # the nanny starts a new worker process
+            try:
+                restarted |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                              if "spawn_main" in " ".join(c.cmdline())} - first
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        rc = proc.wait(timeout=60)
+        assert rc == 0, proc.stderr.read()[-3000:]
+        assert restarted, "no worker process was started again after the kill"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert {p: p.stat().st_mtime_ns for p in done} == done                 # finished prompts were not rendered again
+    stored = {d: {p.relative_to(tmp_path / d): p.read_bytes() for p in (tmp_path / d / "images").rglob("*.png")}
+              for d in ("thread", "dask")}
+    assert len(stored["thread"]) == 2 * 12 and stored["thread"] == stored["dask"]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["methods"] for d in ("thread", "dask"))
+    assert a == b
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"methods": [{"name": "base", "kind": "base"}, {"name": "x", "kind": "dreambooth"}]}, "'methods.1.kind'"),
     ({"encoder": "/no/such/encoder"}, "no value encoder in /no/such/encoder"),
