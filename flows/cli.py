@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-config", help="training config file (.toml/.yaml/.json)")
     p.add_argument("--resume", help="'latest' (the newest checkpoint; none yet = from the start) or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace another training run in --out (its checkpoints and logs)")
+    p.add_argument("--base-model", help="the diffusion model to train for (any supported family; default: the one the "
+                   "dataset run was rendered with); images are resized to --set resolution=N when given")
     p.add_argument("--preset", choices=sorted(PRESETS["train"]),
                    help="training recipe (default: the one the base model declares: toyworld for the toy world's data, "
                         "else the paper's published run)")

@@ -65,7 +65,7 @@ def cli_generate(args: argparse.Namespace) -> int:
 
     from livo_core.encoder import ValueEncoder
     from livo_core.files import check_writable
-    from livo_core.families import family_for
+    from livo_core.families import check_encoder_fits, family_for
     from livo_core.models import resolve_device
 
     cfg, values = _config_and_values(args)
@@ -86,6 +86,7 @@ def cli_generate(args: argparse.Namespace) -> int:
     check_writable(out, "--out", file=True)
     resolve_device(cfg.device)
     family_for(cfg.base_model)
+    check_encoder_fits(args.encoder, cfg.base_model)   # another family or width: one line before any weights load
     encoder = ValueEncoder.from_pretrained(args.encoder)
     retriever = None
     if args.value is None:   # the retriever only runs when no value is given

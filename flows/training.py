@@ -56,6 +56,8 @@ def check_train_inputs(args):
     from livo_core.train import check_out_dir, find_checkpoint, training_shards
 
     overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "base_model", None):   # train for this model's family on any livo dataset
+        overrides["base_model"] = args.base_model
     load_train_config(args.train_config, overrides)          # bad config -> LivoError naming the field
     for d in args.data:
         if not (Path(d) / "shards").is_dir():

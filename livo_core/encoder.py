@@ -7,6 +7,10 @@
 
 SD itself stays frozen; only the value encoder is trained. It is saved as an ordinary transformers
 `CLIPTextModel` folder (config.json + model.safetensors), so `CLIPTextModel.from_pretrained` loads it.
+
+A family with two text towers (SDXL) gets a two-tower value encoder (`token = "penultimate-eos"`): the token is the
+end-of-text row of each tower's penultimate layer, concatenated (1 x (768 + 1280) for SDXL), as that family builds
+its prompt tokens. The second tower is saved in `tower_2/` and the token kind in `value_encoder.json`.
 """
 
 from __future__ import annotations
@@ -37,19 +41,52 @@ def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, to
 
 
 class ValueEncoder(torch.nn.Module):
-    """A CLIP text encoder whose pooled output is the value token."""
+    """A CLIP text encoder whose pooled output is the value token (or two towers' end-of-text rows, see above)."""
 
-    def __init__(self, text_model: CLIPTextModel):
+    TOKENS = ("pooled", "penultimate-eos")
+
+    def __init__(self, text_model: CLIPTextModel, text_model_2=None, token: str = "pooled", family: str = "sd"):
         super().__init__()
+        if token not in self.TOKENS:
+            raise LivoError(f"unknown value-token kind {token!r}: use {', '.join(self.TOKENS)}")
         self.text_model = text_model
+        self.text_model_2 = text_model_2
+        self.token = token
+        self.family = family   # the model family it was made for (livo_core/families), recorded in value_encoder.json
 
     @classmethod
-    def from_text_encoder(cls, text_encoder: CLIPTextModel) -> "ValueEncoder":
-        """A trainable deep copy of SD's text encoder (the paper's initialisation); the original stays as is."""
-        model = copy.deepcopy(text_encoder)
-        model.requires_grad_(True)
-        model.train()
-        return cls(model)
+    def from_text_encoder(cls, text_encoder: CLIPTextModel, text_encoder_2=None, token: str = "pooled",
+                          family: str = "sd") -> "ValueEncoder":
+        """A trainable deep copy of the model's text encoder(s) (the paper's initialisation); the originals stay as is."""
+        models = [copy.deepcopy(m) for m in (text_encoder, text_encoder_2) if m is not None]
+        for model in models:
+            model.requires_grad_(True)
+            model.train()
+        return cls(*models, token=token, family=family)
+
+    @classmethod
+    def folder_info(cls, folder: str | Path) -> dict:
+        """{"family", "width", "token", "towers"} of a saved value encoder, from its config files only (no weights).
+        Encoders saved before value_encoder.json existed are SD's, one tower, pooled."""
+        import json
+
+        candidate = cls.folder_of(folder)
+        meta = {"family": "sd", "token": "pooled", "towers": 1}
+        try:
+            meta.update(json.loads((candidate / "value_encoder.json").read_text()))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            raise LivoError(f"{candidate / 'value_encoder.json'} cannot be read: restore the encoder folder") from None
+        widths = [json.loads((candidate / "config.json").read_text())["hidden_size"]]
+        if meta["towers"] == 2:
+            widths.append(json.loads((candidate / "tower_2" / "config.json").read_text())["hidden_size"])
+        return {**meta, "width": sum(widths)}
+
+    @property
+    def width(self) -> int:
+        """The value token's width: the width of the conditioning tokens it joins."""
+        return sum(m.config.hidden_size for m in (self.text_model, self.text_model_2) if m is not None)
 
     @staticmethod
     def folder_of(folder: str | Path) -> Path:
@@ -71,9 +108,16 @@ class ValueEncoder(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ValueEncoder":
         """Load a value encoder folder, or the `value_encoder/` inside a training output or checkpoint."""
+        import json
+
+        from transformers import CLIPTextModelWithProjection
+
         candidate = cls.folder_of(folder)
         try:
-            return cls(CLIPTextModel.from_pretrained(str(candidate)))
+            meta = json.loads((candidate / "value_encoder.json").read_text()) if (candidate / "value_encoder.json").is_file() else {}
+            second = CLIPTextModelWithProjection.from_pretrained(str(candidate / "tower_2")) if meta.get("towers", 1) == 2 else None
+            return cls(CLIPTextModel.from_pretrained(str(candidate)), second, token=meta.get("token", "pooled"),
+                       family=meta.get("family", "sd"))
         except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
             raise LivoError(f"the value encoder in {candidate} cannot be loaded ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); train it again or "
@@ -93,6 +137,13 @@ class ValueEncoder(torch.nn.Module):
         tensors = load_file(str(weights))
         save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
                   str(weights), metadata={"format": "pt"})
+        import json
+
+        if self.text_model_2 is not None:
+            self.text_model_2.save_pretrained(str(folder / "tower_2"))
+        (folder / "value_encoder.json").write_text(json.dumps(
+            {"family": self.family, "token": self.token, "towers": 2 if self.text_model_2 is not None else 1,
+             "width": self.width}, indent=2) + "\n")
         return folder
 
     @property
@@ -100,6 +151,15 @@ class ValueEncoder(torch.nn.Module):
         return self.text_model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids (B, L) -> pooled output (B, D): the final-layer-normed state at the end-of-text token.
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return pooled.unsqueeze(1)  # (B, 1, D): one token
+        if self.token == "pooled":
+            # input_ids (B, L) -> pooled output (B, D): the final-layer-normed state at the end-of-text token.
+            pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            return pooled.unsqueeze(1)  # (B, 1, D): one token
+        # Each tower's penultimate layer at the first end-of-text token (causal: padding after it does not count).
+        eos_id = self.text_model.config.eos_token_id
+        # (B,) as transformers' pooler finds it: configs of the original checkpoints say eos 2 and mean the highest id
+        eos = input_ids.argmax(dim=-1) if eos_id == 2 else (input_ids == eos_id).int().argmax(dim=-1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        parts = [m(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-2][rows, eos]
+                 for m in (self.text_model, self.text_model_2) if m is not None]              # (B, D_i) each
+        return torch.cat(parts, dim=-1).unsqueeze(1)                                          # (B, 1, sum D_i)

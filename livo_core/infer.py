@@ -137,9 +137,12 @@ class LiVOPipeline:
 
         self.family = family or family_of_pipeline(pipe)
         width = self.family.token_width(pipe)
-        if value_encoder is not None and value_encoder.config.hidden_size != width:
-            raise LivoError(f"value encoder width {value_encoder.config.hidden_size} does not match the UNet's "
-                            f"cross-attention width {width}: use an encoder trained for this base model")
+        if value_encoder is not None and value_encoder.width != width:
+            raise LivoError(f"value encoder width {value_encoder.width} does not match the {self.family.name} model's "
+                            f"token width {width}: use an encoder trained for this base model")
+        if layout == "official" and self.family.name != "sd":
+            raise LivoError(f"the official token layout is the authors' SD 1.x construction; use layout livo for a "
+                            f"{self.family.name} model")
         value_mask(1, mix, 0)  # validates mix
         self.pipe = pipe
         self.value_encoder = value_encoder.to(pipe.device, pipe.dtype).eval().requires_grad_(False) if value_encoder else None
@@ -162,7 +165,7 @@ class LiVOPipeline:
     def embeds_with_value(self, principle: str, texts: list[str]) -> torch.Tensor:
         """texts -> (B, 78, D): the value token of "<principle>, <text>" + SD's 77 prompt embeddings."""
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
-        prompt_embeds = self.family.encode_prompts(te, tok, texts)                       # (B, 77, D)
+        prompt_embeds = self.family.encode_prompts(self.pipe, texts)                     # (B, 77, D)
         ids, _ = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, te))
         value_token = self.value_encoder(ids.to(self.pipe.device))   # (B, 1, D); no mask, as in training
         return self.family.attach_value_token(prompt_embeds.to(self.pipe.dtype), value_token)   # (B, 78, D)
@@ -188,7 +191,7 @@ class LiVOPipeline:
         """
         if self.value_in_negative:
             return self.embeds_with_value(principle, [negative_prompt])
-        embeds = self.family.encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, [negative_prompt])
+        embeds = self.family.encode_negative(self.pipe, [negative_prompt])
         return self.family.pad_negative(embeds.to(self.pipe.dtype))                        # (1, 77 + 1, D)
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
@@ -234,9 +237,8 @@ class LiVOPipeline:
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         variants = {}
         if not all(mask):   # plain SD, as the pipeline encodes it: 77 tokens, negative "" (or the negative prompt)
-            encode = self.family.encode_prompts
-            variants[False] = (encode(te, tok, [prompt]).to(self.pipe.dtype)[0],
-                               encode(te, tok, [negative_prompt or ""]).to(self.pipe.dtype)[0] if cfg else None)
+            variants[False] = (self.family.encode_prompts(self.pipe, [prompt]).to(self.pipe.dtype)[0],
+                               self.family.encode_negative(self.pipe, [negative_prompt or ""]).to(self.pipe.dtype)[0] if cfg else None)
         if any(mask):
             if self.layout == "official":   # the negative exactly as diffusers pads it: to the prompt's n + 1 tokens
                 embeds = self.official_embeds(value.principle, prompt)[0]

@@ -178,7 +178,7 @@ def compute_piece(shard: Shard, folder: Path, name: str, sd, resolution: int | N
         raise LivoError(f"shard {shard.shard_id} has no rows to cache")
     captions = list(dict.fromkeys(r["caption"] for r in meta_rows))
     values = list(dict.fromkeys(r["value"] for r in meta_rows))
-    embeds = torch.cat([sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, captions[i:i + 64]).cpu()
+    embeds = torch.cat([sd.family.encode_prompts(sd, captions[i:i + 64]).cpu()
                         for i in range(0, len(captions), 64)])         # (U, L, D)
 
     arrays = {"latents.npy": _save_array(folder / f"{name}.latents.npy", torch.cat(means).numpy()),
@@ -335,7 +335,8 @@ def prepare_pairs(shards: list[Shard], sd, cache_dir: Path, key: str, resolution
                 for shard, name in todo:
                     if load_piece(folder, name, verify) is None:   # another trainer may have made it meanwhile
                         sd.vae.to(device)
-                        sd.text_encoder.to(device, dtype)
+                        for text_encoder in sd.text_encoders():
+                            text_encoder.to(device, dtype)
                         try:
                             compute_piece(shard, folder, name, sd, resolution, flip, sample, encode_batch)
                         except ShardError as e:

@@ -40,7 +40,7 @@ class Renderer:
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         """The denoiser's conditioning, (len(prompts), 77, hidden) for SD, as the pipeline encodes it."""
-        return self.family.encode_prompts(self.pipe.text_encoder, self.pipe.tokenizer, prompts)
+        return self.family.encode_prompts(self.pipe, prompts)
 
     @torch.inference_mode()
     def render(
@@ -65,7 +65,7 @@ class Renderer:
             return []
 
         use_cfg = guidance_scale > 1.0  # the pipeline's own rule for classifier-free guidance
-        negative = self._encode([negative_prompt or ""]) if use_cfg else None  # (1, 77, hidden)
+        negative = self.family.encode_negative(self.pipe, [negative_prompt or ""]) if use_cfg else None  # (1, 77, hidden)
 
         images: list[Image.Image] = []
         with tqdm(total=len(prompts), desc="render", unit="img", disable=not progress) as bar:

@@ -510,7 +510,7 @@ class ValueEncoderPart:
     def build(self, cfg: TrainConfig, sd, ckpt: Path | None):
         if ckpt or cfg.init_value_encoder:
             return ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float().train()
-        return ValueEncoder.from_text_encoder(sd.text_encoder).train()
+        return sd.family.value_encoder(sd).train()
 
     def checkpointing(self, module) -> None:
         module.text_model.gradient_checkpointing_enable()

@@ -47,7 +47,7 @@ def test_forward_is_the_pooled_output_as_one_token(pipe):
 
 def test_encode_prompts_matches_the_sd_pipeline(pipe):
     prompts = ["a bloody warrior in a forest", "a photo of a doctor"]
-    ours = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    ours = encode_prompts(pipe, prompts)
     theirs, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
     assert ours.shape == (2, 77, pipe.text_encoder.config.hidden_size)
     assert torch.equal(ours, theirs)
@@ -66,7 +66,7 @@ def test_prepend_value_token_gives_78_tokens_value_first():
 def test_unet_accepts_the_78_token_conditioning(pipe):
     enc = ValueEncoder.from_text_encoder(pipe.text_encoder)
     ids, _ = tokenize(pipe.tokenizer, ["No blood., a knight"], 77)
-    embeds = prepend_value_token(encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a knight"]), enc(ids))
+    embeds = prepend_value_token(encode_prompts(pipe, ["a knight"]), enc(ids))
     out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), embeds).sample
     assert out.shape == (1, 4, 8, 8)
 

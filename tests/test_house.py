@@ -66,7 +66,8 @@ def test_every_model_config_builds_on_the_meta_device(name):
     with torch.device("meta"):   # shapes and arguments checked, no memory for weights (SD 1.5's is 3.4 GB)
         if "unet" in cfg:        # a diffusion model: built by its family, as build_random_model does
             modules = family(cfg.pop("family", "sd")).random_modules(cfg)
-            assert modules["unet"].config.cross_attention_dim == modules["text_encoder"].config.hidden_size
+            towers = [m for k, m in modules.items() if k.startswith("text_encoder")]   # SDXL: two, side by side
+            assert modules["unet"].config.cross_attention_dim == sum(m.config.hidden_size for m in towers)
         else:
             open_clip.CLIP(**cfg)
 

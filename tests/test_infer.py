@@ -160,7 +160,7 @@ def test_encoder_of_another_width_is_refused(pipe):
 
     wide = ValueEncoder(CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                                      num_attention_heads=2, vocab_size=49408)))
-    with pytest.raises(LivoError, match="does not match the UNet"):
+    with pytest.raises(LivoError, match="value encoder width 64 does not match the sd model"):
         LiVOPipeline(pipe, wide, VALUES)
 
 

@@ -121,7 +121,7 @@ CASES = [
     ("evaluate: images_per_prompt 10^6", E + "eval.yaml --set images_per_prompt=1000000", "images_per_prompt"),
     ("evaluate: duplicate method names", E + "eval-dup.yaml", "x given twice"),
     ("evaluate: unknown scheduler", E + "eval.yaml --set inference.scheduler=warp", "unknown scheduler 'warp'"),
-    ("evaluate: encoder width != UNet width", E + "eval.yaml --encoder {w}/wide-encoder", "is 64 wide"),
+    ("evaluate: encoder width != UNet width", E + "eval.yaml --encoder {w}/wide-encoder", "trained for a sd model (64-wide value token)"),
     ("evaluate: retriever clip without a model", E + "eval.yaml --set retriever=clip", "retriever = clip needs clip_model"),
     ("evaluate: a unet folder that is no UNet", E + "eval-unet.yaml", "is neither a UNet folder"),
     ("evaluate: a CLIP judge without a CLIP model", E + "eval-clip-judge.yaml", "needs clip_model"),

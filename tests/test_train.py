@@ -126,7 +126,7 @@ def test_cache_pieces_per_shard_hold_latents_and_embeddings(sd_model, run_dir, t
     with torch.no_grad():
         want = sd.vae.encode(img[None]).latent_dist.mean[0] * sd.vae.config.scaling_factor
     assert torch.allclose(first.latent(3, 1), want, atol=1e-5)
-    assert torch.equal(first.prompt_embed(5), sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, [CAPTIONS[1]])[0])
+    assert torch.equal(first.prompt_embed(5), sd.family.encode_prompts(sd, [CAPTIONS[1]])[0])
     files = sorted(p.name.split(".", 1)[1] for p in (tmp_path / key).iterdir() if p.name != ".lock")
     assert files == ["embeds.npy", "json", "latents.npy"]
 
@@ -305,7 +305,7 @@ def teach_unet(sd_folder: Path, run_dir: Path, cache: Path, steps: int = 200) ->
     sd = load_sd(sd_folder)
     data = pairs_of(run_dir, sd, cache)
     latents = torch.cat([torch.stack([data.latent(i, side) for i in range(len(data))]) for side in (0, 1)])  # (2N, 4, 4, 4)
-    prompts = sd.family.encode_prompts(sd.text_encoder, sd.tokenizer, [ALIGNED_PROMPT, VIOLATING_PROMPT])  # (2, 77, D)
+    prompts = sd.family.encode_prompts(sd, [ALIGNED_PROMPT, VIOLATING_PROMPT])  # (2, 77, D)
     which = torch.arange(len(latents)) // len(data)  # 0 = aligned, 1 = violating
     unet = sd.unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)

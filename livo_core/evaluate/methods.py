@@ -110,10 +110,10 @@ class LiVOMethod(Method):
         folder = spec.encoder or cfg.encoder
         if folder is None:
             raise LivoError(f"method {spec.name!r} (livo) needs a value encoder: pass --encoder DIR or set its encoder")
-        enc_width = ValueEncoder.from_pretrained(folder).text_model.config.hidden_size   # missing / damaged -> one line
-        if width is not None and enc_width != width:
-            raise LivoError(f"method {spec.name!r}: the value encoder in {folder} is {enc_width} wide but {cfg.base_model}'s "
-                            f"denoiser reads {width}-wide tokens: give an encoder trained for this base model")
+        from livo_core.families import check_encoder_fits
+
+        check_encoder_fits(folder, cfg.base_model, f"method {spec.name!r}: the value encoder")   # family and width
+        ValueEncoder.from_pretrained(folder)   # missing / damaged -> one line
 
     @classmethod
     def describe(cls, spec, cfg):

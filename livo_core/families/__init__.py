@@ -19,6 +19,7 @@ from livo_core.errors import LivoError
 
 FAMILIES: dict[str, str] = {
     "sd": "livo_core.families.sd:StableDiffusion",
+    "sdxl": "livo_core.families.sdxl:StableDiffusionXL",
 }
 
 
@@ -75,6 +76,22 @@ def family_of_pipeline(pipe):
         except LivoError:
             continue
     return family_for_class(type(pipe).__name__, "the pipeline")
+
+
+def check_encoder_fits(encoder: str | Path, base_model: str, what: str = "the value encoder") -> None:
+    """A LivoError naming both families (and widths) when the value encoder in `encoder` was made for another model
+    family or token width than `base_model`'s; reads config files only, before any weights load."""
+    from livo_core.encoder import ValueEncoder
+    from livo_core.models import model_folder
+
+    info = ValueEncoder.folder_info(encoder)
+    backbone = family_for(base_model)
+    folder = model_folder(base_model, "base_model")
+    width = backbone.folder_token_width(folder) if folder is not None else None
+    if info["family"] != backbone.name or (width is not None and info["width"] != width):
+        theirs = f"{width}-wide tokens" if width is not None else "its own width"
+        raise LivoError(f"{what} in {encoder} was trained for a {info['family']} model ({info['width']}-wide value token) "
+                        f"but {base_model} is a {backbone.name} model ({theirs}): use an encoder trained for this base model")
 
 
 def _hub_model_index(name: str, what: str) -> str:

@@ -6,7 +6,10 @@ has its own.
 
     load_pipeline(name, device, dtype)        the diffusers pipeline for rendering and inference
     load_parts(name, dtype)                   the frozen parts training needs (ModelParts)
-    encode_prompts(text_encoder, tok, texts)  prompts -> the denoiser's text conditioning (B, L, D)
+    encode_prompts(holder, texts)             prompts -> the denoiser's text conditioning (B, L, D); holder: a
+                                              pipeline or ModelParts (its tokenizer(s) and text encoder(s))
+    encode_negative(holder, texts)            the unconditional branch's conditioning (SD: encode_prompts)
+    value_encoder(parts)                      a trainable value encoder initialised from the model's own tower(s)
     attach_value_token(cond, token)           (B, L, D) + (B, 1, D) -> the conditioning with the value token
     pad_negative(cond)                        a negative branch as long as the valued conditioning
     sample_timesteps / noised                 training noise: timesteps, noisy latents and the target
@@ -36,6 +39,11 @@ class ModelParts:
     vae: Any
     unet: Any               # the denoiser (a UNet for SD; a transformer for flow-matching families)
     noise_scheduler: Any    # the training noise schedule
+    tokenizer_2: Any = None       # a second text tower (SDXL's OpenCLIP-bigG), when the family has one
+    text_encoder_2: Any = None
+
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 class Backbone:
@@ -60,8 +68,18 @@ class Backbone:
     def load_parts(self, name: str, dtype: torch.dtype = torch.float32) -> ModelParts:
         raise NotImplementedError
 
-    def encode_prompts(self, text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, holder, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def encode_negative(self, holder, prompts: list[str]) -> torch.Tensor:
+        """The conditioning of the unconditional branch for these negative prompts ("" = none)."""
+        return self.encode_prompts(holder, prompts)
+
+    def value_encoder(self, parts: ModelParts):
+        """A trainable ValueEncoder initialised from the model's text tower (the paper's initialisation)."""
+        from livo_core.encoder import ValueEncoder
+
+        return ValueEncoder.from_text_encoder(parts.text_encoder, family=self.name)
 
     def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -97,11 +97,13 @@ class StableDiffusion(Backbone):
 
     # ---- conditioning
     @torch.no_grad()
-    def encode_prompts(self, text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, holder, prompts: list[str]) -> torch.Tensor:
         """Prompts -> (B, 77, D), exactly as StableDiffusionPipeline.encode_prompt makes them: padded to 77 tokens
-        (fewer when the text encoder has fewer positions); no attention mask unless the encoder's config asks."""
+        (fewer when the text encoder has fewer positions); no attention mask unless the encoder's config asks.
+        holder: the pipeline or the ModelParts (its tokenizer and text_encoder)."""
         from livo_core.encoder import text_length, tokenize
 
+        text_encoder, tokenizer = holder.text_encoder, holder.tokenizer
         ids, mask = tokenize(tokenizer, prompts, text_length(tokenizer, text_encoder))
         device = text_encoder.device
         use_mask = getattr(text_encoder.config, "use_attention_mask", False)
