@@ -40,6 +40,6 @@ def cli_model(args) -> int:
         raise LivoError(f"--out {out} exists and is not empty: give a new folder")
     build_random_model(out, args.config, seed=args.seed, dtype=getattr(torch, args.dtype))
     family = family_for(str(out))
-    print(f"livo: a random-weight {args.config} model ({family.name} family, {args.dtype}) in {out}; its denoiser reads "
-          f"{family.folder_token_width(out)}-wide tokens")
+    print(f"livo: a random-weight {args.config} model ({family.name} family, {args.dtype}) in {out}; a value encoder "
+          f"for it makes {family.folder_token_width(out)}-wide tokens")
     return 0

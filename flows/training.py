@@ -53,7 +53,7 @@ def check_train_inputs(args):
     """Everything `livo train` can check before Prefect starts or anything is written -> (cfg, preset name)."""
     from livo_core.families import family_for
     from livo_core.models import resolve_device
-    from livo_core.train import check_out_dir, find_checkpoint, training_shards
+    from livo_core.train import check_config_for_family, check_out_dir, find_checkpoint, training_shards
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if getattr(args, "base_model", None):   # train for this model's family on any livo dataset
@@ -65,6 +65,7 @@ def check_train_inputs(args):
     training_shards([Path(d) for d in args.data])           # repeated --data, no usable shard
     cfg, preset = resolve_train_config(args.data, args.train_config, overrides, args.preset)
     family_for(cfg.base_model)                               # missing / not-a-model folder / unsupported family
+    check_config_for_family(cfg)                             # settings the family cannot honour
     resolve_device(cfg.device)                               # device=cuda without a GPU
     if args.resume and args.resume != "latest":
         find_checkpoint(Path(args.out), args.resume)

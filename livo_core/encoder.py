@@ -58,6 +58,11 @@ class ValueEncoder(torch.nn.Module):
     def from_text_encoder(cls, text_encoder: CLIPTextModel, text_encoder_2=None, token: str = "pooled",
                           family: str = "sd") -> "ValueEncoder":
         """A trainable deep copy of the model's text encoder(s) (the paper's initialisation); the originals stay as is."""
+        if not isinstance(text_encoder, CLIPTextModel):   # SD3's CLIP-L carries a projection the token does not use
+            plain = CLIPTextModel(text_encoder.config)
+            inner = text_encoder.text_model.state_dict()   # transformers 5: CLIPTextModel holds these modules itself
+            plain.load_state_dict(inner if not hasattr(plain, "text_model") else {f"text_model.{k}": v for k, v in inner.items()})
+            text_encoder = plain.to(text_encoder.dtype)
         models = [copy.deepcopy(m) for m in (text_encoder, text_encoder_2) if m is not None]
         for model in models:
             model.requires_grad_(True)

@@ -31,7 +31,7 @@ class Renderer:
         self.family = family_for(base_model)
         self.pipe = self.family.load_pipeline(base_model, device=device, dtype=dtype)
         self.device = self.pipe.device
-        self.dtype = self.pipe.unet.dtype
+        self.dtype = self.pipe.dtype
 
     def _generator(self, seed: int) -> torch.Generator:
         # MPS has no device generators; diffusers' randn_tensor moves CPU noise to the device.

@@ -148,6 +148,19 @@ def resolve_train_config(data_dirs: list[Path | str], config_file: Path | str | 
 
 
 # --------------------------------------------------------------------------- models
+def check_config_for_family(cfg: TrainConfig) -> None:
+    """Settings the base model's family cannot honour, refused in one line before any weights load."""
+    from livo_core.families import family_for
+
+    backbone = family_for(cfg.base_model)
+    if backbone.flow_matching and cfg.min_snr_gamma:
+        raise LivoError(f"min_snr_gamma weighs the errors of epsilon / v-prediction models by their SNR; {cfg.base_model} "
+                        f"is a flow-matching {backbone.name} model: leave min_snr_gamma unset")
+    if backbone.flow_matching and cfg.trains == "unet":
+        raise LivoError(f"trains = unet fine-tunes a UNet with Diffusion-DPO; {cfg.base_model} is a {backbone.name} "
+                        "model (a transformer): train the value encoder")
+
+
 def load_model_parts(base_model: str, dtype: torch.dtype = torch.float32):
     """The frozen parts of `base_model` training needs (livo_core.families.ModelParts), loaded by its family."""
     from livo_core.families import family_for
@@ -568,6 +581,7 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path, re
     shards = training_shards(data_dirs)   # bad data -> LivoError before anything is written
     base_model = cfg.base_model or base_model_from_data(data_dirs)
     cfg = cfg.model_copy(update={"base_model": base_model})
+    check_config_for_family(cfg)
     if main:
         check_out_dir(out_dir, cfg, data_dirs, str(resume) if resume else None, overwrite)
     lock = RunLock(out_dir, purpose="livo train", timeout_s=0) if main else None   # one trainer per output folder

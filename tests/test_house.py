@@ -64,10 +64,16 @@ def test_every_model_config_builds_on_the_meta_device(name):
 
     cfg = model_config(name)
     with torch.device("meta"):   # shapes and arguments checked, no memory for weights (SD 1.5's is 3.4 GB)
-        if "unet" in cfg:        # a diffusion model: built by its family, as build_random_model does
+        if "unet" in cfg or "family" in cfg:   # a diffusion model: built by its family, as build_random_model does
             modules = family(cfg.pop("family", "sd")).random_modules(cfg)
-            towers = [m for k, m in modules.items() if k.startswith("text_encoder")]   # SDXL: two, side by side
-            assert modules["unet"].config.cross_attention_dim == sum(m.config.hidden_size for m in towers)
+            towers = [m for k, m in modules.items() if k.startswith("text_encoder")]   # SDXL, SD3: two, side by side
+            width = sum(m.config.hidden_size for m in towers)
+            if "unet" in modules:
+                assert modules["unet"].config.cross_attention_dim == width
+            else:                # SD3: the CLIP rows are zero-padded into the joint width; pooled = both projections
+                cfg_t = modules["transformer"].config
+                assert cfg_t.joint_attention_dim >= width
+                assert cfg_t.pooled_projection_dim == sum(m.config.projection_dim for m in towers)
         else:
             open_clip.CLIP(**cfg)
 

@@ -184,10 +184,14 @@ class UNetMethod(Method):
         if not lora and not (isinstance(config, dict) and config.get("_class_name") == family.denoiser_class):
             raise LivoError(f"method {spec.name!r}: {folder} is neither a UNet folder (config.json of a {family.denoiser_class} "
                             "+ weights) nor a LoRA folder (pytorch_lora_weights.safetensors): give a Diffusion-DPO UNet or LoRA output")
-        reads = family.denoiser_token_width(config) if not lora else None
-        if not lora and width is not None and reads != width:
-            raise LivoError(f"method {spec.name!r}: the UNet in {folder} reads {reads}-wide tokens, "
-                            f"{cfg.base_model} {width}: give a UNet fine-tuned from this base model")
+        base_reads = _base_denoiser_width(family, cfg.base_model)
+        if lora:
+            _check_lora(spec.name, folder / next(f for f in LORA_FILES if (folder / f).is_file()), family, cfg.base_model, base_reads)
+            return
+        reads = family.denoiser_token_width(config)
+        if base_reads is not None and reads != base_reads:
+            raise LivoError(f"method {spec.name!r}: the denoiser in {folder} reads {reads}-wide tokens, "
+                            f"{cfg.base_model}'s {base_reads}: give a denoiser fine-tuned from this base model")
 
     @classmethod
     def describe(cls, spec, cfg):
@@ -202,6 +206,46 @@ class UNetMethod(Method):
         return super().build(spec, shared, _pipe_with_denoiser(shared.family, shared.pipe, Path(spec.unet)))
 
 
+def _base_denoiser_width(family, base_model: str) -> int | None:
+    """The token width the base model's own denoiser reads (its config.json), None for an uncached hub id."""
+    from livo_core.models import model_folder
+
+    folder = model_folder(base_model, "base_model")
+    try:
+        return family.denoiser_token_width(json.loads((folder / family.denoiser_component / "config.json").read_text()))
+    except (TypeError, OSError, ValueError):
+        return None
+
+
+# The token width a LoRA's cross-attention keys read -> the family that reads it (for the message).
+_WIDTH_FAMILIES = {768: "sd (1.x)", 1024: "sd (2.x)", 2048: "sdxl"}
+
+
+def _check_lora(method: str, path: Path, family, base_model: str, base_reads: int | None) -> None:
+    """A LoRA made for another family (its denoiser's name in the keys, or the width its key projections read) is
+    refused in one line naming both; only the file's header is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            widths = {f.get_slice(k).get_shape()[1] for k in keys
+                      if "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k or "lora_down" in k)}
+    except Exception as e:   # not a safetensors file: safetensors raises several types
+        raise LivoError(f"method {method!r}: {path} is not a readable LoRA file ({type(e).__name__}); give a "
+                        "diffusers LoRA (pytorch_lora_weights.safetensors)") from None
+    made_for = {k.split(".")[0] for k in keys} & {"unet", "transformer"}
+    if made_for and family.denoiser_component not in made_for:
+        theirs = "a transformer model (sd3 / flux)" if "transformer" in made_for else "a UNet model (sd / sdxl)"
+        raise LivoError(f"method {method!r}: the LoRA in {path.parent} is for {theirs} but {base_model} is a {family.name} "
+                        "model: give a LoRA trained on this base model")
+    if base_reads is not None and widths and widths != {base_reads}:
+        (w,) = sorted(widths)[:1]
+        raise LivoError(f"method {method!r}: the LoRA in {path.parent} reads {w}-wide tokens (a "
+                        f"{_WIDTH_FAMILIES.get(w, 'different')} model) but {base_model} is a {family.name} model reading "
+                        f"{base_reads}-wide tokens: give a LoRA trained on this base model")
+
+
 def _generator(seed: int):
     import torch
 
@@ -211,7 +255,7 @@ def _generator(seed: int):
 def _pipe_with_denoiser(family, pipe, folder: Path):
     """A copy of `pipe` with a fine-tuned denoiser folder, or with a LoRA (diffusers / peft) loaded on its denoiser."""
     if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        return family.copy_pipeline(pipe, unet=family.load_denoiser(folder, pipe.device, pipe.dtype))
+        return family.copy_pipeline(pipe, **{family.denoiser_component: family.load_denoiser(folder, pipe.device, pipe.dtype)})
     lora = [f for f in LORA_FILES if (folder / f).is_file()]
     if not lora:
         raise LivoError(f"{folder} is neither a UNet folder (config.json + weights) nor a LoRA folder "
@@ -219,7 +263,8 @@ def _pipe_with_denoiser(family, pipe, folder: Path):
     import copy
 
     # Own copies of the UNet and text encoder: a LoRA is merged into the modules it is loaded on.
-    new = family.copy_pipeline(pipe, unet=copy.deepcopy(pipe.unet), text_encoder=copy.deepcopy(pipe.text_encoder))
+    denoiser = family.denoiser_component
+    new = family.copy_pipeline(pipe, **{denoiser: copy.deepcopy(getattr(pipe, denoiser))}, text_encoder=copy.deepcopy(pipe.text_encoder))
     try:
         new.load_lora_weights(str(folder), weight_name=lora[0])
     except (ImportError, ValueError, OSError) as e:

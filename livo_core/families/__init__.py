@@ -20,6 +20,7 @@ from livo_core.errors import LivoError
 FAMILIES: dict[str, str] = {
     "sd": "livo_core.families.sd:StableDiffusion",
     "sdxl": "livo_core.families.sdxl:StableDiffusionXL",
+    "sd3": "livo_core.families.sd3:StableDiffusion3",
 }
 
 

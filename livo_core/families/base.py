@@ -41,9 +41,11 @@ class ModelParts:
     noise_scheduler: Any    # the training noise schedule
     tokenizer_2: Any = None       # a second text tower (SDXL's OpenCLIP-bigG), when the family has one
     text_encoder_2: Any = None
+    tokenizer_3: Any = None       # a third (SD3's T5), when the family has one and the model ships it
+    text_encoder_3: Any = None
 
     def text_encoders(self) -> list:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
 
 class Backbone:
@@ -52,6 +54,8 @@ class Backbone:
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()     # diffusers pipeline class names (model_index.json `_class_name`)
     subfolders: tuple[str, ...] = ()           # the parts a complete model folder holds
+    denoiser_component: str = "unet"           # the pipeline's denoiser attribute (unet / transformer)
+    flow_matching: bool = False                # trained on velocities of a flow (SD3, FLUX), not noise / v
 
     def check_folder(self, folder: Path, name: str, what: str) -> None:
         """A LivoError naming the parts a local model folder lacks."""
