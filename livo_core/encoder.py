@@ -53,6 +53,7 @@ class ValueEncoder(torch.nn.Module):
         self.text_model_2 = text_model_2
         self.token = token
         self.family = family   # the model family it was made for (livo_core/families), recorded in value_encoder.json
+        self.condition = "token"   # how the family reads it (token / pooled: TrainConfig.value_condition), recorded too
 
     @classmethod
     def from_text_encoder(cls, text_encoder: CLIPTextModel, text_encoder_2=None, token: str = "pooled",
@@ -76,7 +77,7 @@ class ValueEncoder(torch.nn.Module):
         import json
 
         candidate = cls.folder_of(folder)
-        meta = {"family": "sd", "token": "pooled", "towers": 1}
+        meta = {"family": "sd", "token": "pooled", "towers": 1, "condition": "token"}
         try:
             meta.update(json.loads((candidate / "value_encoder.json").read_text()))
         except FileNotFoundError:
@@ -121,8 +122,10 @@ class ValueEncoder(torch.nn.Module):
         try:
             meta = json.loads((candidate / "value_encoder.json").read_text()) if (candidate / "value_encoder.json").is_file() else {}
             second = CLIPTextModelWithProjection.from_pretrained(str(candidate / "tower_2")) if meta.get("towers", 1) == 2 else None
-            return cls(CLIPTextModel.from_pretrained(str(candidate)), second, token=meta.get("token", "pooled"),
-                       family=meta.get("family", "sd"))
+            encoder = cls(CLIPTextModel.from_pretrained(str(candidate)), second, token=meta.get("token", "pooled"),
+                          family=meta.get("family", "sd"))
+            encoder.condition = meta.get("condition", "token")
+            return encoder
         except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
             raise LivoError(f"the value encoder in {candidate} cannot be loaded ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'damaged file'}); train it again or "
@@ -148,7 +151,7 @@ class ValueEncoder(torch.nn.Module):
             self.text_model_2.save_pretrained(str(folder / "tower_2"))
         (folder / "value_encoder.json").write_text(json.dumps(
             {"family": self.family, "token": self.token, "towers": 2 if self.text_model_2 is not None else 1,
-             "width": self.width}, indent=2) + "\n")
+             "width": self.width, "condition": self.condition}, indent=2) + "\n")
         return folder
 
     @property

@@ -168,7 +168,8 @@ class LiVOPipeline:
         prompt_embeds = self.family.encode_prompts(self.pipe, texts)                     # (B, 77, D)
         ids, _ = tokenize(tok, [value_text(principle, t) for t in texts], text_length(tok, te))
         value_token = self.value_encoder(ids.to(self.pipe.device))   # (B, 1, D); no mask, as in training
-        return self.family.attach_value_token(prompt_embeds.to(self.pipe.dtype), value_token)   # (B, 78, D)
+        return self.family.attach_value_token(prompt_embeds.to(self.pipe.dtype), value_token,    # (B, 78, D)
+                                              condition=self.value_encoder.condition)
 
     @torch.no_grad()
     def official_embeds(self, principle: str, text: str) -> torch.Tensor:

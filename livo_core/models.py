@@ -63,6 +63,30 @@ def write_clip_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def t5_tokenizer(vocab_size: int = 32000, model_max_length: int = 512):
+    """A T5TokenizerFast for random-weight models (no download): T5's special ids (<pad> 0, </s> 1, <unk> 2), a
+    SentencePiece-style unigram vocabulary of whole lower-case words from CLIP's vocabulary, "</s>" appended as T5
+    does. Not T5's own vocabulary: ids differ from the real tokenizer's, shapes and padding do not (real models load
+    their tokenizer from their folder)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = [w[:-4] for w in json.loads((_offline_tokenizer_dir() / "vocab.json").read_text()) if w.endswith("</w>")]
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
+    for w in words:
+        if len(pieces) >= vocab_size:
+            break
+        if w.isalnum():
+            pieces.setdefault("\u2581" + w.lower(), -float(len(pieces)) / vocab_size)
+    tok = Tokenizer(models.Unigram(list(pieces.items()), unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=model_max_length)
+
+
 def clip_tokenizer(folder: Path | None = None):
     """A CLIPTokenizer from `folder`, or the offline one (cached under the package's build dir)."""
     from transformers import CLIPTokenizer

@@ -98,6 +98,9 @@ class TrainConfig(StrictModel):
     trains: Literal["value_encoder", "unet"] = Field("value_encoder", description="What is trained: the value encoder (LiVO) "
                                                      "or every weight of a copy of the UNet against the frozen one (the Diffusion-DPO "
                                                      "baseline, with loss = dpo; writes out/unet/).")
+    value_condition: Literal["token", "pooled"] = Field("token", description="How the value token conditions the model: "
+        "token = one extra conditioning token (the paper; every family); pooled = in place of the prompt's pooled CLIP "
+        "vector (FLUX, whose pooled vector is CLIP-L's pooled output, the value encoder's own kind of output).")
     prepend_value_token: bool = Field(True, description="False = control run: the theta pass gets no value token, so theta == ref and nothing is learned.")
     latent_sampling: Literal["mean", "sample"] = Field("mean", description="mean = the VAE posterior mean, cached once (deterministic); sample = mean + std * noise drawn every step, as the authors' latent_dist.sample().")
     random_flip: bool = Field(False, description="Mirror each image left-right with probability 1/2 per step, aligned and violating independently (the authors' --random_flip); caches both views.")
@@ -156,6 +159,9 @@ def check_config_for_family(cfg: TrainConfig) -> None:
     if backbone.flow_matching and cfg.min_snr_gamma:
         raise LivoError(f"min_snr_gamma weighs the errors of epsilon / v-prediction models by their SNR; {cfg.base_model} "
                         f"is a flow-matching {backbone.name} model: leave min_snr_gamma unset")
+    if cfg.value_condition not in backbone.value_conditions:
+        raise LivoError(f"value_condition = {cfg.value_condition} is not available for a {backbone.name} model: use "
+                        f"{' or '.join(backbone.value_conditions)}")
     if backbone.flow_matching and cfg.trains == "unet":
         raise LivoError(f"trains = unet fine-tunes a UNet with Diffusion-DPO; {cfg.base_model} is a {backbone.name} "
                         "model (a transformer): train the value encoder")
@@ -292,13 +298,13 @@ def pair_errors(theta_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.
 
 
 def denoising_errors(family, value_encoder, unet, noise_scheduler, batch: Batch, generator: torch.Generator,
-                     prepend: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     prepend: bool = True, condition: str = "token") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample MSEs theta_w, ref_w, theta_l, ref_l (each (B,)) and the timesteps (B,)."""
     noisy, t2, target, t = noised_pair(family, noise_scheduler, batch, generator)
     prompt = torch.cat([batch.prompt_embeds, batch.prompt_embeds])  # (2B, 77, D)
     if prepend:
         value_token = value_encoder(batch.value_ids)  # (B, 1, D): one text pass serves w and l
-        theta_embeds = family.attach_value_token(prompt, torch.cat([value_token, value_token]))  # (2B, 78, D)
+        theta_embeds = family.attach_value_token(prompt, torch.cat([value_token, value_token]), condition)  # (2B, 78, D)
     else:
         theta_embeds = prompt  # control: theta pass == ref pass
     theta_pred = family.denoise(unet, noisy, t2, theta_embeds)  # (2B, 4, h, w), with autograd
@@ -336,7 +342,7 @@ def compute_loss(family, value_encoder, unet, noise_scheduler, batch: Batch, cfg
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The loss of one batch and its logged parts (see livo_core.loss). No backward here."""
     theta_w, ref_w, theta_l, ref_l, t = denoising_errors(family, value_encoder, unet, noise_scheduler, batch, generator,
-                                                         prepend=cfg.prepend_value_token)
+                                                         prepend=cfg.prepend_value_token, condition=cfg.value_condition)
     return loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
 
 
@@ -358,7 +364,8 @@ def preference_metrics(family, encoder, unet, noise_scheduler, data: PairData, c
             batch = get_batch(data, range(start, min(start + batch_size, len(data)))).to(device)
             batch.latents_w, batch.latents_l = batch.latents_w.to(dtype), batch.latents_l.to(dtype)
             batch.prompt_embeds = batch.prompt_embeds.to(dtype)
-            theta_w, ref_w, theta_l, ref_l, t = denoising_errors(family, encoder, unet, noise_scheduler, batch, generator)
+            theta_w, ref_w, theta_l, ref_l, t = denoising_errors(family, encoder, unet, noise_scheduler, batch, generator,
+                                                                 condition=cfg.value_condition)
             terms = loss_terms(theta_w, ref_w, theta_l, ref_l, t, noise_scheduler, cfg)
             b = len(theta_w)
             for k in sums:
@@ -522,11 +529,16 @@ class ValueEncoderPart:
 
     def build(self, cfg: TrainConfig, sd, ckpt: Path | None):
         if ckpt or cfg.init_value_encoder:
-            return ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float().train()
-        return sd.family.value_encoder(sd).train()
+            encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float().train()
+        else:
+            encoder = sd.family.value_encoder(sd).train()
+        encoder.condition = cfg.value_condition   # saved with it: inference conditions the same way
+        return encoder
 
     def checkpointing(self, module) -> None:
-        module.text_model.gradient_checkpointing_enable()
+        for tower in (module.text_model, module.text_model_2):
+            if tower is not None:
+                tower.gradient_checkpointing_enable()
 
     def loss(self, module, sd, unet, batch: Batch, cfg: TrainConfig, generator) -> dict[str, torch.Tensor]:
         return compute_loss(sd.family, module, unet, sd.noise_scheduler, batch, cfg, generator)

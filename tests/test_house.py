@@ -70,6 +70,10 @@ def test_every_model_config_builds_on_the_meta_device(name):
             width = sum(m.config.hidden_size for m in towers)
             if "unet" in modules:
                 assert modules["unet"].config.cross_attention_dim == width
+            elif name.endswith("flux") or "flux" in name:   # FLUX: T5 tokens; pooled = CLIP-L's pooled output
+                cfg_t = modules["transformer"].config
+                assert cfg_t.joint_attention_dim == modules["text_encoder_2"].config.d_model
+                assert cfg_t.pooled_projection_dim == modules["text_encoder"].config.hidden_size
             else:                # SD3: the CLIP rows are zero-padded into the joint width; pooled = both projections
                 cfg_t = modules["transformer"].config
                 assert cfg_t.joint_attention_dim >= width

@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "sd": "livo_core.families.sd:StableDiffusion",
     "sdxl": "livo_core.families.sdxl:StableDiffusionXL",
     "sd3": "livo_core.families.sd3:StableDiffusion3",
+    "flux": "livo_core.families.flux:Flux",
 }
 
 

@@ -56,6 +56,7 @@ class Backbone:
     subfolders: tuple[str, ...] = ()           # the parts a complete model folder holds
     denoiser_component: str = "unet"           # the pipeline's denoiser attribute (unet / transformer)
     flow_matching: bool = False                # trained on velocities of a flow (SD3, FLUX), not noise / v
+    value_conditions: tuple[str, ...] = ("token",)   # how the value token may condition (TrainConfig.value_condition)
 
     def check_folder(self, folder: Path, name: str, what: str) -> None:
         """A LivoError naming the parts a local model folder lacks."""
@@ -85,7 +86,7 @@ class Backbone:
 
         return ValueEncoder.from_text_encoder(parts.text_encoder, family=self.name)
 
-    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor) -> torch.Tensor:
+    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor, condition: str = "token") -> torch.Tensor:
         raise NotImplementedError
 
     def pad_negative(self, cond: torch.Tensor) -> torch.Tensor:

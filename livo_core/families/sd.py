@@ -109,7 +109,7 @@ class StableDiffusion(Backbone):
         use_mask = getattr(text_encoder.config, "use_attention_mask", False)
         return text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None).last_hidden_state
 
-    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor) -> torch.Tensor:
+    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor, condition: str = "token") -> torch.Tensor:
         """(B, 77, D) prompt embeddings + (B, 1, D) value token -> (B, 78, D), value token first."""
         if value_token.dim() != 3 or value_token.shape[1] != 1:
             raise ValueError(f"value_token must be (B, 1, D), got {tuple(value_token.shape)}")

@@ -152,7 +152,7 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
     def encode_negative(self, holder, prompts: list[str]) -> torch.Tensor:
         return self.encode_prompts(holder, prompts)
 
-    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor) -> torch.Tensor:
+    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor, condition: str = "token") -> torch.Tensor:
         """(B, L + 1, J) + (B, 1, 2048) -> (B, 1 + L + 1, J): the token zero-padded to J, as SD3 pads CLIP tokens."""
         if value_token.dim() != 3 or value_token.shape[1] != 1:
             raise ValueError(f"value_token must be (B, 1, D), got {tuple(value_token.shape)}")
