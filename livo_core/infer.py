@@ -234,7 +234,7 @@ class LiVOPipeline:
         """What `__call__` would render, as one ImageJob per image (conditioning, negative, seed), without
         rendering: `render_jobs` then renders the jobs of many prompts in shared, fixed-size batches."""
         retrieval, value, mask = self._value_and_mask(prompt, value_id, num_images, seed, use_value, mix)
-        cfg = guidance_scale > 1.0   # the pipeline's own rule for classifier-free guidance
+        cfg = guidance_scale > 1.0 and self.family.uses_negative   # the pipeline's own rule for classifier-free guidance
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         variants = {}
         if not all(mask):   # plain SD, as the pipeline encodes it: 77 tokens, negative "" (or the negative prompt)

@@ -64,7 +64,7 @@ class Renderer:
         if not prompts:
             return []
 
-        use_cfg = guidance_scale > 1.0  # the pipeline's own rule for classifier-free guidance
+        use_cfg = guidance_scale > 1.0 and self.family.uses_negative  # the pipeline's own rule for classifier-free guidance
         negative = self.family.encode_negative(self.pipe, [negative_prompt or ""]) if use_cfg else None  # (1, 77, hidden)
 
         images: list[Image.Image] = []

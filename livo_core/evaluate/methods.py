@@ -54,6 +54,13 @@ class Method:
 
     @classmethod
     def check(cls, spec: MethodSpec, cfg: EvalConfig, values: dict, width: int | None) -> None:
+        if spec.negative_prompt:
+            from livo_core.families import family_for
+
+            backbone = family_for(cfg.base_model)
+            if not backbone.uses_negative:
+                raise LivoError(f"method {spec.name!r}: a {backbone.name} model is guidance-distilled and renders without an "
+                                "unconditional branch, so a negative prompt changes nothing: drop the negative-prompt method")
         if spec.value_id is not None and spec.value_id not in values:
             raise LivoError(f"method {spec.name!r} applies value {spec.value_id!r}, not in {cfg.values_file}: "
                             f"choose one of {', '.join(sorted(values))}")
@@ -141,6 +148,15 @@ class LiVOMethod(Method):
 
 class SLDMethod(Method):
     """Safe Latent Diffusion (diffusers' SafetyConfig presets) over the same components, where the family has it."""
+
+    @classmethod
+    def check(cls, spec, cfg, values, width):
+        from livo_core.families import family_for
+
+        super().check(spec, cfg, values, width)
+        backbone = family_for(cfg.base_model)
+        if not backbone.has_sld:   # before anything is written, not when the method is built
+            backbone.safe_pipeline(None)
 
     @classmethod
     def build(cls, spec, shared, pipe=None, encoder=None):

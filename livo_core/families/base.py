@@ -57,6 +57,8 @@ class Backbone:
     denoiser_component: str = "unet"           # the pipeline's denoiser attribute (unet / transformer)
     flow_matching: bool = False                # trained on velocities of a flow (SD3, FLUX), not noise / v
     value_conditions: tuple[str, ...] = ("token",)   # how the value token may condition (TrainConfig.value_condition)
+    has_sld: bool = False                      # diffusers has a Safe Latent Diffusion pipeline for it (safe_pipeline)
+    uses_negative: bool = True                 # renders with an unconditional (negative) branch; FLUX does not
 
     def check_folder(self, folder: Path, name: str, what: str) -> None:
         """A LivoError naming the parts a local model folder lacks."""

@@ -40,6 +40,7 @@ class Flux(StableDiffusion3):
     subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     denoiser_class = "FluxTransformer2DModel"
     value_conditions = ("token", "pooled")
+    uses_negative = False    # guidance-distilled (see the module docstring)
 
     def pipeline_class(self):
         from diffusers import FluxPipeline

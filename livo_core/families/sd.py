@@ -26,6 +26,7 @@ class StableDiffusion(Backbone):
     pipeline_classes = ("StableDiffusionPipeline",)
     subfolders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     denoiser_class = "UNet2DConditionModel"
+    has_sld = True
 
     # ---- loading
     def pipeline_class(self):

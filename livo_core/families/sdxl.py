@@ -37,6 +37,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     subfolders = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     value_token = "penultimate-eos"   # see the module docstring
+    has_sld = False
 
     # ---- loading
     def pipeline_class(self):

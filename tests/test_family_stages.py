@@ -1,0 +1,84 @@
+"""The evaluation stage on every registered family (tiny random-weight models): base, livo, a negative prompt where the
+family renders an unconditional branch, a fine-tuned denoiser folder; SLD refused where diffusers has none, before
+anything is written; a LoRA of another family refused from its header."""
+
+from __future__ import annotations
+
+import pytest
+
+from livo_core.errors import LivoError
+from livo_core.families import build_random_model, family
+from livo_core.paths import TOYWORLD_DIR
+
+FAMILY_CONFIGS = {"sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def model(request, tmp_path_factory):
+    """(family name, model folder, an untrained value encoder folder of that family)."""
+    from livo_core.train import load_model_parts
+
+    folder = tmp_path_factory.mktemp(request.param)
+    model = build_random_model(folder / "model", FAMILY_CONFIGS[request.param])
+    family(request.param).value_encoder(load_model_parts(str(model))).save_pretrained(folder / "encoder")
+    return request.param, model, folder / "encoder"
+
+
+def _config(model_dir, encoder, methods, **kw):
+    from livo_core.evaluate import load_eval_config
+
+    return load_eval_config(overrides={
+        "base_model": str(model_dir), "encoder": str(encoder), "values_file": str(TOYWORLD_DIR / "values.yaml"),
+        "device": "cpu", "prompt_sets": [{"name": "t", "path": str(TOYWORLD_DIR.parent / "eval" / "toyworld-heldout-toxicity.jsonl"),
+                                          "group": "toxicity", "value_id": "bloody-inappropriate", "limit": 2}],
+        "methods": methods, "images_per_prompt": 1, "inference": {"steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32},
+        "fid": False, "clip_score_model": None, "grids": 0, "quality": "toyworld", **kw})
+
+
+@pytest.mark.slow
+def test_evaluate_base_livo_negative_and_a_denoiser_folder(model, tmp_path):
+    from livo_core.evaluate import Evaluation
+    from livo_core.train import load_model_parts
+
+    name, model_dir, encoder = model
+    denoiser = tmp_path / "denoiser"
+    load_model_parts(str(model_dir)).unet.save_pretrained(str(denoiser))          # the same weights, as a method
+    methods = [{"name": "base", "kind": "base"}, {"name": "livo", "kind": "livo"},
+               {"name": "copy", "kind": "unet", "unet": str(denoiser)}]
+    if family(name).uses_negative:
+        methods.append({"name": "negative-prompt", "kind": "negative-prompt", "negative_prompt": "blood"})
+    ev = Evaluation(_config(model_dir, encoder, methods), tmp_path / "out")
+    ev.check()
+    results = ev.run(progress=False)
+    assert set(results) == {m["name"] for m in methods}
+    assert results["livo"]["retrieval_accuracy"] == 1.0 and 0 <= results["livo"]["violation_rate"] <= 1
+    base, copy = (sorted((tmp_path / "out" / "images" / m).rglob("*.png")) for m in ("base", "copy"))
+    assert [p.read_bytes() for p in base] == [p.read_bytes() for p in copy]   # a denoiser folder of the same weights
+
+
+def test_sld_is_refused_before_anything_is_written(model, tmp_path):
+    from livo_core.evaluate import Evaluation
+
+    name, model_dir, encoder = model
+    ev = Evaluation(_config(model_dir, encoder, [{"name": "base", "kind": "base"}, {"name": "sld", "kind": "sld", "sld": "strong"}]),
+                    tmp_path / "out")
+    with pytest.raises(LivoError, match="SLD .* SD 1.x / 2.x only"):
+        ev.check()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_of_another_family_is_refused_from_its_header(model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from livo_core.evaluate import Evaluation
+
+    name, model_dir, encoder = model
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    other = "transformer" if name == "sdxl" else "unet"   # a LoRA made for the other kind of denoiser
+    save_file({f"{other}.blocks.0.attn2.to_k.lora_A.weight": torch.zeros(4, 768)}, str(lora / "pytorch_lora_weights.safetensors"))
+    ev = Evaluation(_config(model_dir, encoder, [{"name": "base", "kind": "base"}, {"name": "l", "kind": "unet", "unet": str(lora)}]),
+                    tmp_path / "out")
+    with pytest.raises(LivoError, match=rf"the LoRA in .* is for a .* model .* but .* is a {name} model"):
+        ev.check()
