@@ -2,7 +2,7 @@
 # Set up (if needed) and run the tests offline.
 #   bash scripts/test.sh            the whole suite (CI): also builds the real LLM server once (scripts/llm_server.sh)
 #   bash scripts/test.sh --fast     the inner loop: unit tests and a CPU smoke test of each entry point
-#                                   (-m "not slow and not sd15 and not llm_server and not cuda"; docs/bench.md)
+#                                   (-m "not slow and not sd15 and not real_width and not llm_server and not cuda"; docs/bench.md)
 #   bash scripts/test.sh ARGS...    pytest with ARGS (e.g. tests/test_llm.py -x); the LLM server tests run if built
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,6 @@ if [ $# -eq 0 ]; then
   set -- --durations=25
 elif [ "$1" = "--fast" ]; then
   shift
-  set -- -m "not slow and not sd15 and not llm_server and not cuda" --durations=10 "$@"
+  set -- -m "not slow and not sd15 and not real_width and not llm_server and not cuda" --durations=10 "$@"
 fi
 .venv/bin/python -m pytest -q "$@"

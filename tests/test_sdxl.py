@@ -74,7 +74,7 @@ def test_the_untrained_value_token_is_the_prompt_token_at_end_of_text(pipe, tiny
         again = ValueEncoder.from_pretrained(tmp_path / "enc")
         assert torch.equal(again(ids), token) and again.family == "sdxl"
     info = json.loads((tmp_path / "enc" / "value_encoder.json").read_text())
-    assert info == {"family": "sdxl", "token": "penultimate-eos", "towers": 2, "width": 64}
+    assert info == {"family": "sdxl", "token": "penultimate-eos", "towers": 2, "width": 64, "condition": "token"}
 
 
 class DenoiserSpy:
