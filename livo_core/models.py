@@ -28,10 +28,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, cuda: str = "float16") -> torch.dtype:
+    """auto: `cuda` (the model family's half precision) on a GPU, float32 elsewhere."""
     if dtype == "auto":
-        # fp16 halves memory and doubles speed on GPUs; CPUs lack fast fp16 kernels.
-        return torch.float16 if device.type == "cuda" else torch.float32
+        # half precision halves memory and doubles speed on GPUs; CPUs lack fast fp16 kernels.
+        return getattr(torch, cuda) if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
 
 

@@ -90,7 +90,7 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints (an SD 1.5 one is ~1.5 GB); None = keep all.")
     log_every: int = Field(10, ge=1, description="Update the progress bar and the log line every N steps (the CSV gets every step).")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet and value-encoder activations in backward: less memory, ~30% slower.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto = fp16 on CUDA, no on CPU. Frozen models run in this dtype; the value encoder's weights stay fp32.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto = the family's half precision on CUDA (fp16 for SD 1.x / 2.x, bf16 for SDXL, SD 3, FLUX), no on CPU. Frozen models run in this dtype; the value encoder's weights stay fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if visible, else CPU (under `accelerate launch`, accelerate decides).")
     resolution: int | None = Field(None, ge=8, description="Resize (shorter side) and centre-crop images to this size; None = use the images' own size (all must match).")
     cache_dir: Path | None = Field(None, description="Where cached latents/embeddings live (shareable between runs); None = <out>/cache.")
@@ -579,21 +579,23 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path, re
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
+    from livo_core.families import family_for
     from livo_core.lock import RunLock
     from livo_core.models import resolve_device
     from livo_core.progress import Progress
 
     out_dir, data_dirs = Path(out_dir), [Path(d) for d in data_dirs]
     device = resolve_device(cfg.device)
-    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if device.type == "cuda" else "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)  # frozen models' dtype
-    main = accelerator.is_main_process
-
     shards = training_shards(data_dirs)   # bad data -> LivoError before anything is written
     base_model = cfg.base_model or base_model_from_data(data_dirs)
     cfg = cfg.model_copy(update={"base_model": base_model})
     check_config_for_family(cfg)
+    half = {"float16": "fp16", "bfloat16": "bf16"}[family_for(base_model).cuda_dtype]   # the family's half precision
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else (half if device.type == "cuda" else "no")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)  # frozen models' dtype
+    main = accelerator.is_main_process
+
     if main:
         check_out_dir(out_dir, cfg, data_dirs, str(resume) if resume else None, overwrite)
     lock = RunLock(out_dir, purpose="livo train", timeout_s=0) if main else None   # one trainer per output folder

@@ -57,6 +57,7 @@ class Backbone:
     denoiser_component: str = "unet"           # the pipeline's denoiser attribute (unet / transformer)
     flow_matching: bool = False                # trained on velocities of a flow (SD3, FLUX), not noise / v
     value_conditions: tuple[str, ...] = ("token",)   # how the value token may condition (TrainConfig.value_condition)
+    cuda_dtype: str = "float16"                # half precision of dtype / mixed_precision auto on a GPU
     has_sld: bool = False                      # diffusers has a Safe Latent Diffusion pipeline for it (safe_pipeline)
     uses_negative: bool = True                 # renders with an unconditional (negative) branch; FLUX does not
 

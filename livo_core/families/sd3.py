@@ -53,7 +53,7 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
         dev = resolve_device(device)
         try:
             # A folder saved without T5 (text_encoder_3 null) loads as such: diffusers then puts zeros in its place.
-            pipe = self.pipeline_class().from_pretrained(name, dtype=resolve_dtype(dtype, dev), **self._absent(name))
+            pipe = self.pipeline_class().from_pretrained(name, dtype=resolve_dtype(dtype, dev, self.cuda_dtype), **self._absent(name))
         except (OSError, ValueError) as e:
             raise _load_error(name, e) from e
         pipe.set_progress_bar_config(disable=True)

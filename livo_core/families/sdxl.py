@@ -38,6 +38,7 @@ class StableDiffusionXL(StableDiffusion):
     subfolders = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     value_token = "penultimate-eos"   # see the module docstring
     has_sld = False
+    cuda_dtype = "bfloat16"   # SDXL's VAE overflows in fp16 (diffusers upcasts it); bf16 needs no upcast
 
     # ---- loading
     def pipeline_class(self):
@@ -52,7 +53,7 @@ class StableDiffusionXL(StableDiffusion):
         silence_library_progress()
         dev = resolve_device(device)
         try:
-            pipe = self.pipeline_class().from_pretrained(name, dtype=resolve_dtype(dtype, dev), add_watermarker=False)
+            pipe = self.pipeline_class().from_pretrained(name, dtype=resolve_dtype(dtype, dev, self.cuda_dtype), add_watermarker=False)
         except (OSError, ValueError) as e:
             raise _load_error(name, e) from e
         pipe.set_progress_bar_config(disable=True)
