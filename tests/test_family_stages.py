@@ -82,3 +82,38 @@ def test_a_lora_of_another_family_is_refused_from_its_header(model, tmp_path):
                     tmp_path / "out")
     with pytest.raises(LivoError, match=rf"the LoRA in .* is for a .* model .* but .* is a {name} model"):
         ev.check()
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_through_the_frozen_denoiser_changes_no_number(model, tmp_path, monkeypatch):
+    """gradient_checkpointing = true recomputes the denoiser's (and the towers') activations in backward: the same
+    losses and the same trained encoder as without, on every family."""
+    import json
+
+    import torch
+    from helpers import make_run
+
+    from livo_core.encoder import ValueEncoder
+    from livo_core.train import TrainConfig, train
+
+    name, model_dir, _ = model
+    run = make_run(tmp_path / "run", model_dir, n_pairs=4)
+    checkpointed = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *a, **kw):   # diffusers' blocks recompute through this function
+        checkpointed.append(type(getattr(fn, "__self__", fn)).__name__)
+        return original(fn, *a, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    logs, encoders = [], []
+    for ckpt in (False, True):
+        out = tmp_path / f"out-{ckpt}"
+        cfg = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-4, device="cpu", gradient_checkpointing=ckpt)
+        train(cfg, [run], out, progress=False)
+        logs.append([json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()])
+        encoders.append(ValueEncoder.from_pretrained(out))
+    assert checkpointed                                      # the frozen denoiser's blocks were recomputed
+    assert logs[0] == pytest.approx(logs[1], rel=1e-5)
+    for a, b in zip(encoders[0].parameters(), encoders[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
