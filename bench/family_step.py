@@ -171,9 +171,19 @@ def main() -> None:
     if args.write_doc:
         head = ("| shape config | livo step (ms) | floor (ms) | livo / floor | peak RSS train step (GB) | floor (GB) | "
                 "training load + cache (GB) | render (GB) | generate (GB) |\n|---|---|---|---|---|---|---|---|---|\n")
-        body = "".join(f"| {r['config']} | {r['livo_ms']:.0f} | {r['floor_ms']:.0f} | {r['ratio']:.2f}x | {r['livo_peak_gb']:.1f} | "
-                       f"{r['floor_peak_gb']:.1f} | {r['train_load_peak_gb']:.1f} | {r['render_peak_gb']:.1f} | "
-                       f"{r['generate_peak_gb']:.1f} |\n" for r in rows)
+        lines = {r["config"]: f"| {r['config']} | {r['livo_ms']:.0f} | {r['floor_ms']:.0f} | {r['ratio']:.2f}x | "
+                              f"{r['livo_peak_gb']:.1f} | {r['floor_peak_gb']:.1f} | {r['train_load_peak_gb']:.1f} | "
+                              f"{r['render_peak_gb']:.1f} | {r['generate_peak_gb']:.1f} |" for r in rows}
+        import re
+
+        from doc_section import DOC
+
+        old = re.search(r"<!-- family-step:start -->(.*?)<!-- family-step:end -->", DOC.read_text(), re.DOTALL)
+        for line in (old.group(1).splitlines() if old else []):   # rows of configs not run this time stay
+            m = re.match(r"\| ([\w.-]+) \| \d", line)
+            if m and m.group(1) not in lines:
+                lines[m.group(1)] = line
+        body = "".join(lines[c] + "\n" for c in sorted(lines))
         how = (f"`.venv/bin/python bench/family_step.py --write-doc` on {machine()}, {args.threads} torch threads, {args.device}, "
                f"{args.size} px, {args.batch} pair(s) per step, median of {args.steps} steps after {args.warmup} warm-up "
                f"({'wall' if args.device == 'cuda' else 'CPU'} time of the training thread); fp32 on the CPU; each variant and "

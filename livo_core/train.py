@@ -147,7 +147,33 @@ def resolve_train_config(data_dirs: list[Path | str], config_file: Path | str | 
     base_model = plain.base_model or base_model_from_data([Path(d) for d in data_dirs])
     preset = preset or preset_for(base_model)
     cfg = load_train_config(config_file, overrides, preset=preset)
-    return cfg.model_copy(update={"base_model": base_model}), preset
+    return with_model_resolution(cfg.model_copy(update={"base_model": base_model}), data_dirs), preset
+
+
+def with_model_resolution(cfg: TrainConfig, data_dirs: list[Path | str]) -> TrainConfig:
+    """Data rendered by another model than the one trained for: resolution (unset) becomes the base model's own,
+    so its images are resized to what the model was made for. The same model: the images' own size."""
+    from livo_core.families import family_for
+    from livo_core.models import model_folder
+
+    if cfg.resolution is not None or not cfg.base_model:
+        return cfg
+    try:
+        rendered_by = base_model_from_data([Path(d) for d in data_dirs])
+    except LivoError:
+        rendered_by = None
+    if rendered_by is not None and _same_model(rendered_by, cfg.base_model):
+        return cfg
+    folder = model_folder(cfg.base_model, "base_model")
+    size = family_for(cfg.base_model).native_resolution(folder) if folder is not None else None
+    if size is not None:
+        log.info("training for %s on data rendered by %s: images resized to %d px, the model's resolution "
+                 "(set resolution to choose another)", cfg.base_model, rendered_by or "another model", size)
+    return cfg.model_copy(update={"resolution": size}) if size else cfg
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 # --------------------------------------------------------------------------- models
@@ -588,7 +614,7 @@ def train(cfg: TrainConfig, data_dirs: list[str | Path], out_dir: str | Path, re
     device = resolve_device(cfg.device)
     shards = training_shards(data_dirs)   # bad data -> LivoError before anything is written
     base_model = cfg.base_model or base_model_from_data(data_dirs)
-    cfg = cfg.model_copy(update={"base_model": base_model})
+    cfg = with_model_resolution(cfg.model_copy(update={"base_model": base_model}), data_dirs)
     check_config_for_family(cfg)
     half = {"float16": "fp16", "bfloat16": "bf16"}[family_for(base_model).cuda_dtype]   # the family's half precision
     mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else (half if device.type == "cuda" else "no")

@@ -118,6 +118,18 @@ class Backbone:
     def safe_pipeline(self, pipe):
         raise NotImplementedError
 
+    def native_resolution(self, folder: Path) -> int | None:
+        """The image size (pixels) the model was made for, from its folder's configs: the denoiser's sample_size
+        times the VAE's downsampling (2 ** (blocks - 1)); None when the configs do not say."""
+        import json
+
+        try:
+            sample = json.loads((Path(folder) / self.denoiser_component / "config.json").read_text())["sample_size"]
+            blocks = json.loads((Path(folder) / "vae" / "config.json").read_text())["block_out_channels"]
+            return int(sample) * 2 ** (len(blocks) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def random_modules(self, cfg: dict) -> dict:
         """{"unet": ..., "text_encoder": ..., ...}: the networks of a shape config, random weights."""
         raise NotImplementedError

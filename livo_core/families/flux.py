@@ -135,6 +135,13 @@ class Flux(StableDiffusion3):
         return pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, generator=generators, num_inference_steps=steps,
                     guidance_scale=guidance_scale, height=height, width=width, output_type="pil").images
 
+    def native_resolution(self, folder: Path) -> int | None:
+        """FLUX's transformer config has no sample_size; its VAE's says the size (1024 for FLUX.1)."""
+        try:
+            return int(json.loads((Path(folder) / "vae" / "config.json").read_text())["sample_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def token_width(self, pipe) -> int:
         return int(pipe.text_encoder.config.hidden_size)
 
