@@ -117,3 +117,31 @@ def test_gradient_checkpointing_through_the_frozen_denoiser_changes_no_number(mo
     assert logs[0] == pytest.approx(logs[1], rel=1e-5)
     for a, b in zip(encoders[0].parameters(), encoders[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_lora_on_the_denoiser_is_an_evaluation_method(model, tmp_path):
+    """A diffusers LoRA (peft) of the family's own denoiser, saved as diffusers saves it, loads as a `kind = "unet"`
+    method: its header passes the family check and its images differ from base's (its B matrices are not zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from livo_core.evaluate import Evaluation
+    from livo_core.train import load_model_parts
+
+    name, model_dir, encoder = model
+    backbone = family(name)
+    denoiser = load_model_parts(str(model_dir)).unet
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v"]))
+    torch.manual_seed(0)
+    for param_name, p in denoiser.named_parameters():
+        if "lora_B" in param_name:
+            p.data.normal_(0, 0.5)
+    backbone.pipeline_class().save_lora_weights(str(tmp_path / "lora"), **{
+        f"{backbone.denoiser_component}_lora_layers": get_peft_model_state_dict(denoiser)})
+    methods = [{"name": "base", "kind": "base"}, {"name": "lora", "kind": "unet", "unet": str(tmp_path / "lora")}]
+    ev = Evaluation(_config(model_dir, encoder, methods), tmp_path / "out")
+    ev.check()
+    ev.run(progress=False)
+    base, lora = (sorted((tmp_path / "out" / "images" / m).rglob("*.png")) for m in ("base", "lora"))
+    assert len(base) == len(lora) == 2 and [p.read_bytes() for p in base] != [p.read_bytes() for p in lora]
