@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     tw = p.add_subparsers(dest="toyworld_command", required=True)
     b = tw.add_parser("build", help="train the world model and world CLIP from scratch (deterministic)")
     b.add_argument("--out", help="output folder (default: livo_core/data/toyworld in the project)")
-    b.add_argument("--steps", type=int, help="UNet steps (default: the full build)")
+    b.add_argument("--steps", type=int, help="denoiser steps (default: the full build)")
+    b.add_argument("--family", choices=["sd", "sd3"], default="sd", help="sd: the UNet world (model/, clip/); sd3: the "
+                   "flow-matching world (model-sd3/), from the UNet world's VAE and text tower")
 
     p = sub.add_parser("model", help="models of a family's shape config (livo_core/data/model_configs)")
     r = p.add_subparsers(dest="model_command", required=True).add_parser("random", help="a random-weight model of a shape config")

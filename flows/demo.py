@@ -37,6 +37,13 @@ def cli_toyworld(args) -> int:
         if args.steps is not None and args.steps < 1:
             raise LivoError(f"--steps must be at least 1, got {args.steps}")
         out = Path(args.out) if args.out else TOYWORLD_DIR
+        if getattr(args, "family", "sd") == "sd3":
+            from livo_core.toyworld.flow_build import build_flow_world
+
+            report = build_flow_world(out, steps=args.steps)
+            print(f"flow-matching toy world built in {report['seconds']:.0f}s: {out / 'model-sd3'} "
+                  f"(weights sha256 {report['weights_sha256'][:16]})")
+            return 0
         report = build_world(out, steps=args.steps)
         print(f"toy world built in {report['seconds']:.0f}s: {out / 'model'} and {out / 'clip'}")
     return 0
