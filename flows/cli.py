@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="evaluation folder (images, report; a rerun resumes it)")
     p.add_argument("--config", help="evaluation config file (.toml/.yaml/.json): prompt sets, methods, judges")
     p.add_argument("--preset", choices=sorted(PRESETS["evaluate"]), help="official = the authors' protocol (DPM-Solver++, "
-                   "25 steps, 512 px, 50 images); toyworld = the toy world's held-out sets; i2p-original = I2P's own")
+                   "25 steps, 512 px, 50 images); toyworld = the toy world's held-out sets; i2p-original, safetydpo-ip, "
+                   "unlearndiffatk-nudity, heim-bias = the peers' protocols (docs/evaluation.md)")
     p.add_argument("--base-model", help="diffusion model folder or hub id (config: base_model)")
     p.add_argument("--methods", help="comma-separated: base,livo,livo:<value id>,negative-prompt,sld:<preset>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="models of a family's shape config (livo_core/data/model_configs)")
     r = p.add_subparsers(dest="model_command", required=True).add_parser("random", help="a random-weight model of a shape config")
-    r.add_argument("config", help="shape config name, e.g. tiny-sd, tiny-sd2, sd15, sd21 (real widths: shapes, dtypes, memory)")
+    r.add_argument("config", help="shape config name: tiny-sd, tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux (tests); sd15, sd21, "
+                   "sdxl, sd35-medium, flux-dev (real widths, fewer blocks: shapes, dtypes, memory)")
     r.add_argument("--out", required=True, help="new folder for the diffusers model")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
