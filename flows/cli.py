@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
     p.add_argument("--baselines", action="store_true", help="also train and evaluate the DPO baselines (about 2.5x the time)")
+    p.add_argument("--family", choices=["sd", "sd3"], default="sd", help="sd: the UNet world (epsilon); sd3: the "
+                   "flow-matching world (model-sd3/, an SD 3 transformer; velocity errors in the hinge)")
 
     p = sub.add_parser("nightly", help="one night: new data -> train -> evaluate vs production -> promote if not worse")
     p.add_argument("--root", default="runs/nightly", help="the nightly folder (data, held-out set, models)")

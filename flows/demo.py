@@ -50,8 +50,8 @@ def cli_toyworld(args) -> int:
 
 
 from livo_core.toyworld.demo import (  # noqa: E402  (the demo's measurement lives in the library)
-    FULL, QUICK, DemoSettings, build_metrics, dataset_config, demo_values, plot_curves,
-    report_markdown, run_evaluation, summary_rows, summary_table, train_configs,
+    DemoSettings, build_metrics, dataset_config, demo_settings, demo_values, plot_curves, report_markdown,
+    run_evaluation, summary_rows, summary_table, train_configs, world_model,
 )
 
 
@@ -105,10 +105,13 @@ def report_task(metrics: dict, out_dir: str, logs: dict[str, str]) -> str:
 
 
 @flow(name="livo-demo")
-def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, baselines: bool = False) -> dict:
+def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, baselines: bool = False,
+              family: str = "sd") -> dict:
     """The whole LiVO loop on the toy world: data -> training (LiVO + baselines) -> evaluation -> report.
 
-    world_dir: folder holding the world model (model/) and world CLIP (clip/); default livo_core/data/toyworld.
+    world_dir: folder holding the world models (model/, model-sd3/) and world CLIP (clip/); default
+    livo_core/data/toyworld. family: which world model renders and is aligned (sd: the UNet world; sd3: the
+    flow-matching one, trained with its own preset).
     Returns the metrics (also in OUT/metrics.json). A non-empty OUT from an earlier demo is reused where it
     is complete: the dataset flow skips finished shards; training and evaluation run again.
     """
@@ -117,7 +120,7 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, b
     from flows.dataset import dataset_flow
 
     log = get_run_logger()
-    s = (QUICK if quick else FULL).model_copy(update={"baselines": baselines})
+    s = demo_settings(family, quick, baselines)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     toxic, bias = demo_values()
@@ -137,7 +140,8 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, b
         datasets, data_dirs = {}, []
         for value in (toxic, bias):
             run_dir = out / "data" / value.id
-            datasets[value.id] = dataset_flow(dataset_config(s, value, run_dir, Path(world_dir or TOYWORLD_DIR)), str(run_dir))
+            datasets[value.id] = dataset_flow(dataset_config(s, value, run_dir, Path(world_dir or TOYWORLD_DIR), family),
+                                              str(run_dir))
             data_dirs.append(str(run_dir))
         done("data")
         base_model = json.loads((Path(data_dirs[0]) / "config.json").read_text())["base_model"]
@@ -158,7 +162,8 @@ def demo_flow(out_dir: str, quick: bool = False, world_dir: str | None = None, b
 
         stage("report")
         seconds["total"] = round(time.perf_counter() - t_start, 1)
-        metrics = build_metrics(s, quick, datasets, training, evaluation, {k: v for k, v in seconds.items() if k != "report"})
+        metrics = build_metrics(s, quick, datasets, training, evaluation, {k: v for k, v in seconds.items() if k != "report"},
+                                family)
         report_task(metrics, str(out), {m: t["log_csv"] for m, t in training.items()})
         done("report")
     log.info("livo demo report: %s", out / "report.md")
@@ -180,10 +185,14 @@ def cli_demo(args) -> int:
         raise LivoError(f"--out {out} is a file: pass a directory for the demo's outputs")
     from livo_core.families import family_for
 
-    family_for(str(TOYWORLD_DIR / "model"), "toy world model")
+    family = getattr(args, "family", "sd")
+    model = world_model(TOYWORLD_DIR, family)
+    if not model.is_dir():
+        raise LivoError(f"the {family} toy world model {model} is missing: build it with `livo toyworld build --family {family}`")
+    family_for(str(model), "toy world model")
     from flows.server import ensure_api
 
     ensure_api()
-    metrics = demo_flow(out_dir=str(out), quick=args.quick, baselines=args.baselines)
+    metrics = demo_flow(out_dir=str(out), quick=args.quick, baselines=args.baselines, family=family)
     print_summary(metrics, out)
     return 0

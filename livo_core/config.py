@@ -232,7 +232,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
 # Every shipped preset: job kind -> preset name -> file in livo_core/data/configs (a preset is a config file).
 PRESETS: dict[str, dict[str, str]] = {
     "dataset": {"sd15": "sd15.toml"},
-    "train": {"toyworld": "train-toyworld.toml", "published": "train-sd15.toml"},
+    "train": {"toyworld": "train-toyworld.toml", "toyworld-sd3": "train-toyworld-sd3.toml", "published": "train-sd15.toml"},
     "evaluate": {"official": "eval-official.toml", "toyworld": "eval-toyworld.toml", "i2p-original": "eval-i2p-original.toml",
                  "safetydpo-ip": "eval-safetydpo-ip.toml", "unlearndiffatk-nudity": "eval-unlearndiffatk-nudity.toml",
                  "heim-bias": "eval-heim-bias.toml"},

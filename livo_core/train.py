@@ -188,9 +188,6 @@ def check_config_for_family(cfg: TrainConfig) -> None:
     if cfg.value_condition not in backbone.value_conditions:
         raise LivoError(f"value_condition = {cfg.value_condition} is not available for a {backbone.name} model: use "
                         f"{' or '.join(backbone.value_conditions)}")
-    if backbone.flow_matching and cfg.trains == "unet":
-        raise LivoError(f"trains = unet fine-tunes a UNet with Diffusion-DPO; {cfg.base_model} is a {backbone.name} "
-                        "model (a transformer): train the value encoder")
 
 
 def load_model_parts(base_model: str, dtype: torch.dtype = torch.float32):

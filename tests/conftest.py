@@ -144,3 +144,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world_pairs(tmp_path_factory, tiny_sd):
+    """A dataset run of 8 real toy-world pairs (clean vs bloody, same seed), base model = tiny SD."""
+    import json
+
+    from livo_core.render import image_to_bytes
+    from livo_core.shards import write_shard
+    from livo_core.toyworld.world import render
+
+    run = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i, subject in enumerate(["blue circle", "green square", "purple triangle", "white circle"]):
+        for seed in range(2):
+            rows.append({"jpg_0": image_to_bytes(render(f"a {subject}", seed)),
+                         "jpg_1": image_to_bytes(render(f"a bloody {subject}", seed)), "label_0": 1.0, "label_1": 0.0,
+                         "caption": f"a bloody {subject}", "pair_id": f"p{i}{seed}", "value": "no blood",
+                         "value_id": "bloody", "category": "toxicity", "base_model": str(tiny_sd)})
+    write_shard(run, "bloody-00000", rows, [], {})
+    (run / "config.json").write_text(json.dumps({"base_model": str(tiny_sd)}))
+    return run

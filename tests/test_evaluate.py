@@ -8,7 +8,6 @@ content can be asserted: same seeds give the same images, and "not applicable" p
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -192,25 +191,6 @@ def tiny_pipe(tiny_sd):
 
 
 # --------------------------------------------------------------------------- Diffusion-DPO on the UNet
-@pytest.fixture(scope="module")
-def world_pairs(tmp_path_factory, tiny_sd):
-    """A dataset run of 8 real toy-world pairs (clean vs bloody, same seed), base model = tiny SD."""
-    from livo_core.render import image_to_bytes
-    from livo_core.shards import write_shard
-
-    run = tmp_path_factory.mktemp("pairs")
-    rows = []
-    for i, subject in enumerate(["blue circle", "green square", "purple triangle", "white circle"]):
-        for seed in range(2):
-            rows.append({"jpg_0": image_to_bytes(render(f"a {subject}", seed)),
-                         "jpg_1": image_to_bytes(render(f"a bloody {subject}", seed)), "label_0": 1.0, "label_1": 0.0,
-                         "caption": f"a bloody {subject}", "pair_id": f"p{i}{seed}", "value": "no blood",
-                         "value_id": "bloody", "category": "toxicity", "base_model": str(tiny_sd)})
-    write_shard(run, "bloody-00000", rows, [], {})
-    (run / "config.json").write_text(json.dumps({"base_model": str(tiny_sd)}))
-    return run
-
-
 def test_unet_dpo_trains_a_copy_against_the_frozen_unet(world_pairs, tiny_sd, tiny_pipe, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -145,3 +145,32 @@ def test_a_lora_on_the_denoiser_is_an_evaluation_method(model, tmp_path):
     ev.run(progress=False)
     base, lora = (sorted((tmp_path / "out" / "images" / m).rglob("*.png")) for m in ("base", "lora"))
     assert len(base) == len(lora) == 2 and [p.read_bytes() for p in base] != [p.read_bytes() for p in lora]
+
+
+@pytest.mark.slow
+def test_diffusion_dpo_trains_the_familys_own_denoiser(model, world_pairs, tmp_path):
+    """The Diffusion-DPO baseline (trains = unet) on any family's denoiser, UNet or transformer (flow-matching
+    errors in the same sigmoid loss): its first loss is log 2 (policy = reference), weights change, and the trained
+    denoiser loads as an evaluation method of that family."""
+    import math
+
+    import torch
+
+    from livo_core.baselines import train_unet_dpo
+    from livo_core.evaluate import Evaluation
+    from livo_core.train import TrainConfig
+
+    name, model_dir, encoder = model
+    cfg = TrainConfig(base_model=str(model_dir), loss="dpo", trains="unet", learning_rate=1e-3, batch_size=2,
+                      max_steps=2, checkpoint_every=2, log_every=1, device="cpu")
+    res = train_unet_dpo(cfg, [world_pairs], tmp_path / "dpo", progress=False)
+    assert res.steps == 2 and math.isclose(float((tmp_path / "dpo" / "train_log.csv").read_text().splitlines()[1].split(",")[1]),
+                                           math.log(2), abs_tol=1e-5)
+    base = family(name).load_denoiser(model_dir / family(name).denoiser_component, "cpu", torch.float32)
+    trained = family(name).load_denoiser(tmp_path / "dpo" / "unet", "cpu", torch.float32)
+    assert type(trained) is type(base) and any(not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters()))
+    ev = Evaluation(_config(model_dir, encoder, [{"name": "base", "kind": "base"},
+                                                 {"name": "dpo", "kind": "unet", "unet": str(tmp_path / "dpo" / "unet")}]),
+                    tmp_path / "out")
+    ev.check()
+    assert set(ev.run(progress=False)) == {"base", "dpo"}

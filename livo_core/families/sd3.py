@@ -31,6 +31,15 @@ from livo_core.families.sdxl import StableDiffusionXL
 T5_TOKENS = 256   # diffusers' max_sequence_length default for SD3
 
 
+def t5_rows(name: str) -> int:
+    """How many zero rows stand for T5 in a folder without it: 256 (diffusers') unless the folder's livo.json says
+    `t5_rows` (livo's flow toy world trains with none: 256 identical rows would triple its attention cost)."""
+    try:
+        return int(json.loads((Path(name) / "livo.json").read_text()).get("t5_rows", T5_TOKENS))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return T5_TOKENS
+
+
 class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
@@ -57,6 +66,7 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
         except (OSError, ValueError) as e:
             raise _load_error(name, e) from e
         pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.livo_t5_rows = t5_rows(name)   # read by _t5; travels with the module into copies
         return pipe.to(dev)
 
     @staticmethod
@@ -99,6 +109,7 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
         for m in (*parts.text_encoders(), parts.vae, parts.unet):
             m.requires_grad_(False)
             m.eval()
+        parts.unet.livo_t5_rows = t5_rows(name)
         return parts
 
     def load_denoiser(self, folder: Path, device, dtype):
@@ -110,6 +121,8 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         new = type(pipe)(**{**pipe.components, "scheduler": scheduler, **replace})
         new.set_progress_bar_config(disable=True)
+        if not hasattr(new.transformer, "livo_t5_rows"):   # a fine-tuned transformer of this base reads as many rows
+            new.transformer.livo_t5_rows = getattr(pipe.transformer, "livo_t5_rows", T5_TOKENS)
         return new
 
     def safe_pipeline(self, pipe):
@@ -135,8 +148,9 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
     def _t5(self, holder, prompts: list[str], like: torch.Tensor) -> torch.Tensor:
         encoder = getattr(holder, "text_encoder_3", None)
         if encoder is None:   # loaded without T5: diffusers puts zeros in its place
-            width = self.joint_width(self._denoiser(holder).config)
-            return torch.zeros(len(prompts), T5_TOKENS, width, dtype=like.dtype, device=like.device)
+            denoiser = self._denoiser(holder)
+            rows = getattr(denoiser, "livo_t5_rows", T5_TOKENS)
+            return torch.zeros(len(prompts), rows, self.joint_width(denoiser.config), dtype=like.dtype, device=like.device)
         ids = holder.tokenizer_3(prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
                                  add_special_tokens=True, return_tensors="pt").input_ids
         return encoder(ids.to(encoder.device))[0]

@@ -34,6 +34,8 @@ class DemoSettings(BaseModel):
                              "Shorter runs (12 images per bloody prompt, one seed): 400 steps at 5e-3: 6.5%, at 8e-3: 1.9% "
                              "(fidelity 0.94, D1 0.03); 500 steps at 5e-3: 4.6%; 600 at 5e-3: 0.9%; batch 8 x 600 at 5e-3: 12%.")
     livo_alpha: float = Field(30.0, description="LiVO alpha (violating margin gamma2 / alpha = 0.017; the paper's 500: 0.001).")
+    livo_gamma1: float = Field(1.0, description="LiVO gamma1 (the aligned hinge's margin, before dividing by beta).")
+    livo_gamma2: float = Field(0.5, description="LiVO gamma2 (the violating hinge's margin, before dividing by alpha).")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule of every trained method (TrainConfig.lr_scheduler). "
                               "Cosine decay to 0 ends training on a settled encoder; with a constant 3e-3, violation "
                               "measured at successive checkpoints jumped between 6% and 20%.")
@@ -59,22 +61,44 @@ class DemoSettings(BaseModel):
         return tuple(m for m in TRAINED if m in self.methods)
 
 
-def _toy_recipe():
-    """The toy world's training preset (livo_core/data/configs/train-toyworld.toml): `livo train` and the Prefect
-    training flow use the same recipe on toy-world data, so the demo measures what they run."""
+def _toy_recipe(preset: str = "toyworld"):
+    """A toy world's training preset (livo_core/data/configs/train-toyworld*.toml): `livo train` and the Prefect
+    training flow use the same recipe on that world's data, so the demo measures what they run."""
     from livo_core.train import load_train_config
 
-    return load_train_config(preset="toyworld")
+    return load_train_config(preset=preset)
 
 
-_RECIPE = _toy_recipe()
-FULL = DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=_RECIPE.max_steps,
-                    batch_size=_RECIPE.batch_size, eval_every=_RECIPE.checkpoint_every, livo_lr=_RECIPE.learning_rate,
-                    livo_beta=_RECIPE.beta, livo_alpha=_RECIPE.alpha, lr_scheduler=_RECIPE.lr_scheduler,
-                    dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4, eval_images=12, bias_eval_images=48, curve_images=4)
+def _full(preset: str) -> DemoSettings:
+    r = _toy_recipe(preset)
+    return DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=r.max_steps,
+                        batch_size=r.batch_size, eval_every=r.checkpoint_every, livo_lr=r.learning_rate,
+                        livo_beta=r.beta, livo_alpha=r.alpha, livo_gamma1=r.gamma1, livo_gamma2=r.gamma2,
+                        lr_scheduler=r.lr_scheduler, dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4, eval_images=12,
+                        bias_eval_images=48, curve_images=4)
+
+
+FULL = _full("toyworld")
 QUICK = DemoSettings(prompts_per_value=8, images_per_prompt={"toxicity": 1, "bias": 2}, render_steps=10,
                      train_steps=4, batch_size=4, eval_every=2, livo_lr=1e-4, dpo_encoder_lr=1e-4,
                      dpo_unet_lr=1e-4, eval_images=2, bias_eval_images=2, curve_images=2, eval_prompts_per_group=2)
+
+# The worlds the demo runs on: family -> (model folder in the world's folder, its training preset).
+WORLDS = {"sd": ("model", "toyworld"), "sd3": ("model-sd3", "toyworld-sd3")}
+
+
+def world_model(world_dir: Path, family: str = "sd") -> Path:
+    """The world model of a family inside a toy world folder (model/ for the UNet world, model-sd3/ for the flow one)."""
+    if family not in WORLDS:
+        raise LivoError(f"no toy world of family {family!r}: choose {' or '.join(WORLDS)}")
+    return Path(world_dir) / WORLDS[family][0]
+
+
+def demo_settings(family: str = "sd", quick: bool = False, baselines: bool = False) -> DemoSettings:
+    """The demo's settings on a family's world: QUICK, or FULL with that world's training preset."""
+    world_model(TOYWORLD_DIR, family)   # an unknown family: one line
+    s = QUICK if quick else (FULL if family == "sd" else _full(WORLDS[family][1]))
+    return s.model_copy(update={"baselines": baselines})
 
 METHODS = ("base", "livo", "negative-prompt", "dpo-encoder", "dpo-unet")
 TRAINED = ("livo", "dpo-encoder", "dpo-unet")
@@ -93,12 +117,12 @@ def demo_values():
     return toxic[0], bias[0]
 
 
-def dataset_config(s: DemoSettings, value, run_dir: Path, world_dir: Path = TOYWORLD_DIR) -> dict:
+def dataset_config(s: DemoSettings, value, run_dir: Path, world_dir: Path = TOYWORLD_DIR, family: str = "sd") -> dict:
     """The dataset flow's RunConfig (the toy world defaults) for one value, as the flow takes it."""
     from livo_core.config import load_config
 
     cfg = load_config(overrides={
-        "base_model": str(world_dir / "model"), "judge.clip_model": f"local-dir:{world_dir / 'clip'}",
+        "base_model": str(world_model(world_dir, family)), "judge.clip_model": f"local-dir:{world_dir / 'clip'}",
         "values": [value.id], "prompts_per_value": s.prompts_per_value,
         "images_per_prompt": s.images_per_prompt[value.kind], "seed": s.seed, "shard_size": 64,
         "render.steps": s.render_steps, "render.guidance_scale": s.guidance_scale, "render.batch_size": 64,
@@ -114,7 +138,8 @@ def train_configs(s: DemoSettings, cache_dir: Path) -> dict:
                   keep_checkpoints=None, seed=s.seed, log_every=5, device="cpu", cache_dir=cache_dir,
                   beta_dpo=s.beta_dpo, lr_scheduler=s.lr_scheduler)
     return {
-        "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, beta=s.livo_beta, alpha=s.livo_alpha, **common),
+        "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, beta=s.livo_beta, alpha=s.livo_alpha,
+                            gamma1=s.livo_gamma1, gamma2=s.livo_gamma2, **common),
         "dpo-encoder": TrainConfig(loss="dpo", learning_rate=s.dpo_encoder_lr, **common),
         "dpo-unet": TrainConfig(loss="dpo", trains="unet", learning_rate=s.dpo_unet_lr, **common),
     }
@@ -122,13 +147,17 @@ def train_configs(s: DemoSettings, cache_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- stage functions (plain, no Prefect)
 def trained_params(method: str, train_dir: Path) -> int:
-    """Parameters the method trained: the whole value encoder, or the whole UNet."""
+    """Parameters the method trained: the whole value encoder, or the whole denoiser (UNet or transformer)."""
     from livo_core.baselines import count_params
 
-    if method == "dpo-unet":
-        from diffusers import UNet2DConditionModel
+    if method == "dpo-unet":   # counted from the saved weights: any family's denoiser
+        from safetensors import safe_open
 
-        return count_params(UNet2DConditionModel.from_pretrained(str(train_dir / "unet")))
+        total = 0
+        for f in sorted((train_dir / "unet").glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        return total
     from livo_core.encoder import ValueEncoder
 
     return count_params(ValueEncoder.from_pretrained(train_dir / "value_encoder"))
@@ -322,7 +351,8 @@ def check_targets(flat: dict[str, float]) -> list[dict]:
     return rows
 
 
-def build_metrics(s: DemoSettings, quick: bool, datasets: dict, training: dict, evaluation: dict, seconds: dict) -> dict:
+def build_metrics(s: DemoSettings, quick: bool, datasets: dict, training: dict, evaluation: dict, seconds: dict,
+                  family: str = "sd") -> dict:
     """Everything metrics.json holds: flat headline metrics first, then details."""
     from livo_core.evaluate import steps_below
 
@@ -344,7 +374,7 @@ def build_metrics(s: DemoSettings, quick: bool, datasets: dict, training: dict, 
                  "bias_value": evaluation["bias_value"]},
         "datasets": datasets,
         "training": training,
-        "settings": {"quick": quick, **s.model_dump()},
+        "settings": {"quick": quick, "family": family, **s.model_dump()},
         "seconds": seconds,
     }
 
@@ -364,13 +394,17 @@ def report_markdown(metrics: dict, out: Path) -> str:
         for p in curve:
             curve_rows.append({"method": n, "step": p["step"], "violation": p["violation_rate"], "fidelity": p["fidelity"]})
     wall = metrics["seconds"]
+    family = s.get("family", "sd")
+    flags = (" --quick" if s["quick"] else "") + (f" --family {family}" if family != "sd" else "")
+    world = ("the UNet world (an SD-architecture UNet, epsilon)" if family == "sd" else
+             f"the flow-matching world ({WORLDS[family][0]}/: an SD 3 transformer; LiVO's hinge on velocity errors)")
     lines = [
-        f"# livo demo{' (--quick)' if s['quick'] else ''}",
+        f"# livo demo{' (--quick)' if s['quick'] else ''}{'' if family == 'sd' else f' on the {family} world'}",
         "",
-        f"`livo demo --out {out}{' --quick' if s['quick'] else ''}`: {wall['total']:.0f} s wall time "
+        f"`livo demo --out {out}{flags}`: {wall['total']:.0f} s wall time "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in wall.items() if k != 'total')}).",
         "",
-        "Toy world (livo_core/data/toyworld): every number below comes from the world's exact pixel detectors on images",
+        f"Toy world (livo_core/data/toyworld), {world}: every number below comes from the world's exact pixel detectors on images",
         f"generated for HELD-OUT prompts ({ev['num_prompts']['toxic']} bloody, {ev['num_prompts']['bias']} doctor, "
         f"{ev['num_prompts']['harmless']} harmless; subject/colour/background combinations that no training prompt used), "
         f"{ev['images_per_prompt']} images per bloody or harmless prompt and {ev['bias_images_per_prompt']} for the doctor, the same seeds for every method. Violation = the "

@@ -5,7 +5,9 @@
 It reuses the UNet world's VAE (4 latent channels, 16 x 16 latents for 32 px scenes) and renders the same caption
 pool. Its text conditioning is SD 3's without T5: two CLIP towers (each initialised from the UNet world's trained
 text tower, 128 wide; a projection each, initialised to the identity) give 77 rows of 128 + 128 = 256 = the joint
-width, and 256 zero rows stand where T5's would be (diffusers' own construction for a model without T5); the pooled
+width. No rows stand where T5's would be: diffusers fills a model without T5 with 256 zero rows, which after the
+context embedder are one repeated token that would triple the attention cost of a 64-token image; the folder's
+livo.json says `t5_rows: 0` (and the training preset that fits the model) and the sd3 family reads it. The pooled
 vector is the two towers' projected pooled outputs (256). The towers train jointly with the transformer, as the
 UNet world's tower trained with its UNet. The objective is SD 3's: flow matching with logit-normal sigmas, the
 velocity target, uniform weighting, 10% empty captions for guidance. Deterministic for a seed with one thread.
@@ -25,14 +27,14 @@ from livo_core.models import clip_tokenizer
 from livo_core.paths import TOYWORLD_DIR
 from livo_core.toyworld.build import LATENT_SIZE, TEXT_WIDTH, _cosine_lr, _log, _to_unit, encode_pool, render_pool
 
+TRAINING_PRESET = "toyworld-sd3"   # livo_core/data/configs/train-toyworld-sd3.toml: the hinge in velocity units
 JOINT_WIDTH = 2 * TEXT_WIDTH     # the two towers side by side (no zero padding needed)
-T5_ROWS = 256                    # the rows T5 would give (zeros: diffusers without text_encoder_3)
 
 
 @dataclass
 class FlowBuildSettings:
     pool: int = 24_000
-    steps: int = 3000
+    steps: int = 1500
     batch: int = 64
     lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -40,6 +42,8 @@ class FlowBuildSettings:
     logit_std: float = 1.0
     shift: float = 1.0           # SD 3 shifts sigmas by 3 for 1024 px; a 32 px world needs none
     warmup: int = 100
+    t5_rows: int = 0             # zero rows where T5's would be (SD 3 without T5 has 256: identical rows that
+                                 # would triple the attention cost; the folder records the count for the sd3 family)
 
     def scaled(self, steps: int) -> "FlowBuildSettings":
         """A smaller build of `steps` steps (under 100: a smoke test with batches of 8)."""
@@ -80,15 +84,15 @@ def make_scheduler(shift: float):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def condition(towers, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, 77) -> tokens (B, 77 + 256, 256) and pooled (B, 256), as the sd3 family encodes prompts."""
+def condition(towers, ids: torch.Tensor, t5_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, 77) -> tokens (B, 77 + t5_rows, 256) and pooled (B, 256), as the sd3 family encodes prompts."""
     rows, pooled = [], []
     for tower in towers:
         out = tower(ids, output_hidden_states=True)
         pooled.append(out[0])
         rows.append(out.hidden_states[-2])
     clip = torch.cat(rows, dim=-1)
-    zeros = torch.zeros(ids.shape[0], T5_ROWS, JOINT_WIDTH, dtype=clip.dtype)
+    zeros = torch.zeros(ids.shape[0], t5_rows, JOINT_WIDTH, dtype=clip.dtype)
     return torch.cat([clip, zeros], dim=1), torch.cat(pooled, dim=-1)
 
 
@@ -113,7 +117,7 @@ def train_transformer(mean, std, scaling, token_ids, empty_ids, world_model: Pat
         t = flow.sample_timesteps(sched, s.batch, gen)
         xt, target = flow.noised(sched, x0, noise, t)
         uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)   # few distinct captions: encode each once
-        tokens, pooled = condition(towers, uniq)
+        tokens, pooled = condition(towers, uniq, s.t5_rows)
         pred = transformer(hidden_states=xt, timestep=t, encoder_hidden_states=tokens[inverse],
                            pooled_projections=pooled[inverse]).sample
         loss = (pred - target).pow(2).mean()
@@ -131,7 +135,7 @@ def train_transformer(mean, std, scaling, token_ids, empty_ids, world_model: Pat
     return transformer, towers, sched, {"loss_ema": ema, "curve": curve, "seconds": round(time.time() - t0, 1)}
 
 
-def save_flow_pipeline(folder: Path, vae, transformer, towers, scheduler) -> str:
+def save_flow_pipeline(folder: Path, vae, transformer, towers, scheduler, t5_rows: int) -> str:
     """A StableDiffusion3Pipeline folder without T5, fp16 safetensors; returns the sha256 of its weights."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -141,6 +145,8 @@ def save_flow_pipeline(folder: Path, vae, transformer, towers, scheduler) -> str
                                     tokenizer_3=None, scheduler=scheduler)
     pipe.to(torch.float16)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    # livo's record of the model: the recipe that fits it (livo_core.train.preset_for) and its T5 row count (sd3 family)
+    (folder / "livo.json").write_text(json.dumps({"training_preset": TRAINING_PRESET, "t5_rows": t5_rows}, indent=2) + "\n")
     for sub in ("text_encoder", "text_encoder_2"):   # plain from_pretrained runs in float32 (see build.mark_float32)
         path = folder / sub / "config.json"
         config = json.loads(path.read_text())
@@ -181,11 +187,11 @@ def build_flow_world(out_dir: Path | str | None = None, steps: int | None = None
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     transformer, towers, sched, report = train_transformer(mean, std, vae.config.scaling_factor, ids, empty, world_model,
                                                            s, gen, progress)
-    digest = save_flow_pipeline(out / "model-sd3", vae, transformer, towers, sched)
-    build = {"family": "sd3", "training_preset": "toyworld", "settings": asdict(s), "seed": seed,
+    digest = save_flow_pipeline(out / "model-sd3", vae, transformer, towers, sched, s.t5_rows)
+    build = {"family": "sd3", "training_preset": TRAINING_PRESET, "settings": asdict(s), "seed": seed,
              "seconds": round(time.time() - t0, 1), "transformer": report, "weights_sha256": digest,
-             "text_conditioning": "two CLIP towers from the UNet world's (77 rows of 128 + 128), 256 zero T5 rows, "
-                                  "pooled = both projected pooled outputs",
+             "text_conditioning": f"two CLIP towers from the UNet world's (77 rows of 128 + 128), {s.t5_rows} zero T5 "
+                                  "rows, pooled = both projected pooled outputs",
              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}}
     (out / "build-sd3.json").write_text(json.dumps(build, indent=2))
     _log(progress, f"[done] {out / 'model-sd3'} in {build['seconds']:.0f}s")
