@@ -43,7 +43,7 @@ def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, to
 class ValueEncoder(torch.nn.Module):
     """A CLIP text encoder whose pooled output is the value token (or two towers' end-of-text rows, see above)."""
 
-    TOKENS = ("pooled", "penultimate-eos")
+    TOKENS = ("pooled", "penultimate-eos", "projected-pooled")
 
     def __init__(self, text_model: CLIPTextModel, text_model_2=None, token: str = "pooled", family: str = "sd"):
         super().__init__()
@@ -59,7 +59,8 @@ class ValueEncoder(torch.nn.Module):
     def from_text_encoder(cls, text_encoder: CLIPTextModel, text_encoder_2=None, token: str = "pooled",
                           family: str = "sd") -> "ValueEncoder":
         """A trainable deep copy of the model's text encoder(s) (the paper's initialisation); the originals stay as is."""
-        if not isinstance(text_encoder, CLIPTextModel):   # SD3's CLIP-L carries a projection the token does not use
+        if not isinstance(text_encoder, CLIPTextModel) and token != "projected-pooled":
+            # SD3's CLIP-L carries a projection the token does not use (projected-pooled: SD3's pooled vector does)
             plain = CLIPTextModel(text_encoder.config)
             inner = text_encoder.text_model.state_dict()   # transformers 5: CLIPTextModel holds these modules itself
             plain.load_state_dict(inner if not hasattr(plain, "text_model") else {f"text_model.{k}": v for k, v in inner.items()})
@@ -84,15 +85,17 @@ class ValueEncoder(torch.nn.Module):
             pass
         except (OSError, ValueError):
             raise LivoError(f"{candidate / 'value_encoder.json'} cannot be read: restore the encoder folder") from None
-        widths = [json.loads((candidate / "config.json").read_text())["hidden_size"]]
+        key = "projection_dim" if meta["token"] == "projected-pooled" else "hidden_size"
+        widths = [json.loads((candidate / "config.json").read_text())[key]]
         if meta["towers"] == 2:
-            widths.append(json.loads((candidate / "tower_2" / "config.json").read_text())["hidden_size"])
+            widths.append(json.loads((candidate / "tower_2" / "config.json").read_text())[key])
         return {**meta, "width": sum(widths)}
 
     @property
     def width(self) -> int:
-        """The value token's width: the width of the conditioning tokens it joins."""
-        return sum(m.config.hidden_size for m in (self.text_model, self.text_model_2) if m is not None)
+        """The value token's width: the width of the conditioning tokens it joins (of the pooled vector it replaces)."""
+        key = "projection_dim" if self.token == "projected-pooled" else "hidden_size"
+        return sum(getattr(m.config, key) for m in (self.text_model, self.text_model_2) if m is not None)
 
     @staticmethod
     def folder_of(folder: str | Path) -> Path:
@@ -122,8 +125,9 @@ class ValueEncoder(torch.nn.Module):
         try:
             meta = json.loads((candidate / "value_encoder.json").read_text()) if (candidate / "value_encoder.json").is_file() else {}
             second = CLIPTextModelWithProjection.from_pretrained(str(candidate / "tower_2")) if meta.get("towers", 1) == 2 else None
-            encoder = cls(CLIPTextModel.from_pretrained(str(candidate)), second, token=meta.get("token", "pooled"),
-                          family=meta.get("family", "sd"))
+            token = meta.get("token", "pooled")
+            first = (CLIPTextModelWithProjection if token == "projected-pooled" else CLIPTextModel).from_pretrained(str(candidate))
+            encoder = cls(first, second, token=token, family=meta.get("family", "sd"))
             encoder.condition = meta.get("condition", "token")
             return encoder
         except Exception as e:  # truncated or damaged weights: safetensors, torch and transformers raise many types
@@ -143,7 +147,7 @@ class ValueEncoder(torch.nn.Module):
         self.text_model.save_pretrained(str(folder))
         weights = folder / "model.safetensors"
         tensors = load_file(str(weights))
-        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
+        save_file({k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()},
                   str(weights), metadata={"format": "pt"})
         import json
 
@@ -159,6 +163,11 @@ class ValueEncoder(torch.nn.Module):
         return self.text_model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.token == "projected-pooled":
+            # SD3's pooled vector: each tower's projected pooled output, concatenated (B, 1, P1 + P2)
+            parts = [m(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+                     for m in (self.text_model, self.text_model_2) if m is not None]
+            return torch.cat(parts, dim=-1).unsqueeze(1)
         if self.token == "pooled":
             # input_ids (B, L) -> pooled output (B, D): the final-layer-normed state at the end-of-text token.
             pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output

@@ -192,8 +192,10 @@ class LiVOPipeline:
         """
         if self.value_in_negative:
             return self.embeds_with_value(principle, [negative_prompt])
-        embeds = self.family.encode_negative(self.pipe, [negative_prompt])
-        return self.family.pad_negative(embeds.to(self.pipe.dtype))                        # (1, 77 + 1, D)
+        embeds = self.family.encode_negative(self.pipe, [negative_prompt]).to(self.pipe.dtype)
+        if self.value_encoder.condition == "pooled":   # the valued branch kept its length: its pooled vector changed
+            return embeds
+        return self.family.pad_negative(embeds)                                            # (1, 77 + 1, D)
 
     def __call__(self, prompt: str, value_id: str | None = None, num_images: int = 4, seed: int = 0,
                  steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,

@@ -100,7 +100,8 @@ class TrainConfig(StrictModel):
                                                      "baseline, with loss = dpo; writes out/unet/).")
     value_condition: Literal["token", "pooled"] = Field("token", description="How the value token conditions the model: "
         "token = one extra conditioning token (the paper; every family); pooled = in place of the prompt's pooled CLIP "
-        "vector (FLUX, whose pooled vector is CLIP-L's pooled output, the value encoder's own kind of output).")
+        "vector (FLUX: CLIP-L's pooled output, the value encoder's own kind; SD 3: both towers' projected pooled outputs, "
+        "from a value encoder that keeps the projections).")
     prepend_value_token: bool = Field(True, description="False = control run: the theta pass gets no value token, so theta == ref and nothing is learned.")
     latent_sampling: Literal["mean", "sample"] = Field("mean", description="mean = the VAE posterior mean, cached once (deterministic); sample = mean + std * noise drawn every step, as the authors' latent_dist.sample().")
     random_flip: bool = Field(False, description="Mirror each image left-right with probability 1/2 per step, aligned and violating independently (the authors' --random_flip); caches both views.")
@@ -554,7 +555,7 @@ class ValueEncoderPart:
         if ckpt or cfg.init_value_encoder:
             encoder = ValueEncoder.from_pretrained(ckpt or cfg.init_value_encoder).float().train()
         else:
-            encoder = sd.family.value_encoder(sd).train()
+            encoder = sd.family.value_encoder(sd, cfg.value_condition).train()
         encoder.condition = cfg.value_condition   # saved with it: inference conditions the same way
         return encoder
 

@@ -22,12 +22,30 @@ def test_demo_refuses_a_file_as_out(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path):
-    from flows.demo import demo_flow
+def test_demo_of_a_world_not_built_names_the_build_command(tmp_path, capsys, monkeypatch):
+    import flows.demo
 
+    monkeypatch.setattr(flows.demo, "TOYWORLD_DIR", tmp_path)   # a toy world folder without model-sd3/
+    assert main(["demo", "--out", str(tmp_path / "out"), "--family", "sd3"]) == 2
+    err = capsys.readouterr().err
+    assert "livo: error:" in err and "livo toyworld build --family sd3" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path, family):
+    """The UNet world (sd) and the flow-matching world (sd3: an SD 3 transformer, velocity errors in the hinge)."""
+    from flows.demo import demo_flow
+    from livo_core.paths import TOYWORLD_DIR
+    from livo_core.toyworld.demo import world_model
+
+    if not (world_model(TOYWORLD_DIR, family) / "model_index.json").is_file():
+        pytest.skip(f"the {family} toy world is not built: `livo toyworld build --family {family}`")
     out = tmp_path / "demo"
-    returned = demo_flow(out_dir=str(out), quick=True, baselines=True)
+    returned = demo_flow(out_dir=str(out), quick=True, baselines=True, family=family)
+    assert returned["settings"]["family"] == family
+    assert json.loads((out / "data" / "bloody-inappropriate" / "config.json").read_text())["base_model"] == \
+        str(world_model(TOYWORLD_DIR, family))
 
     for name in ("report.md", "metrics.json", "grid.png", "training_curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

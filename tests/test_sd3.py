@@ -64,6 +64,31 @@ def test_the_untrained_value_token_is_the_clip_token_at_end_of_text(tiny_sd3):
     assert not cond[0, 0, 64:].any()
 
 
+def test_the_pooled_condition_replaces_the_pooled_vector_with_the_value_encoders_own(tiny_sd3, tmp_path):
+    """value_condition = pooled: the value encoder keeps both towers' projections and emits SD3's kind of pooled vector
+    (untrained, on a text = that text's pooled vector); it takes the pooled row's place; it saves and loads as such."""
+    from livo_core.encoder import ValueEncoder, tokenize
+    from livo_core.train import load_model_parts
+
+    sd3, parts = family("sd3"), load_model_parts(str(tiny_sd3))
+    enc = sd3.value_encoder(parts, "pooled").eval()
+    assert enc.token == "projected-pooled" and enc.width == sd3.pooled_width(parts.unet.config) == 64
+    text = "Bloody content is considered inappropriate, a knight"
+    with torch.no_grad():
+        cond = sd3.encode_prompts(parts, [text])
+        value = enc(tokenize(parts.tokenizer, [text], 77)[0])
+        valued = sd3.attach_value_token(cond, value, "pooled")
+    assert value.shape == (1, 1, 64) and torch.allclose(value[0, 0], cond[0, -1, :64], atol=1e-5)
+    assert valued.shape == cond.shape and torch.equal(valued[:, :-1], cond[:, :-1])
+    enc.condition = "pooled"
+    enc.save_pretrained(tmp_path / "enc")
+    again = ValueEncoder.from_pretrained(tmp_path / "enc").eval()
+    assert (again.token, again.condition, again.width) == ("projected-pooled", "pooled", 64)
+    assert ValueEncoder.folder_info(tmp_path / "enc")["width"] == 64
+    with torch.no_grad():
+        assert torch.equal(again(tokenize(parts.tokenizer, [text], 77)[0]), value)
+
+
 def test_velocity_errors_equal_a_transcription_of_the_sd3_training_loss(tiny_sd3):
     """Same noise, sigma and (uniform) weighting as train_dreambooth_lora_sd3.py -> the same per-sample errors; with
     no value token the trained pass equals the reference pass (the hinge's structure)."""
@@ -115,9 +140,13 @@ class TransformerSpy:
 
 
 @pytest.mark.slow
-def test_model_random_train_generate_from_the_command_line(prefect_harness, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("condition", ["token", "pooled"])
+def test_model_random_train_generate_from_the_command_line(prefect_harness, tmp_path, monkeypatch, capsys, condition):
     """The transformer reads 1 value + 77 CLIP + 256 T5 rows of the joint width 96 (SD 3.5: 4096) and a pooled 64
-    (2048), in training and in generation."""
+    (2048), in training and in generation; with value_condition = pooled, 77 + 256 rows and the value vector as the
+    pooled one."""
+    import json
+
     from flows.cli import main
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_harness)
@@ -126,12 +155,15 @@ def test_model_random_train_generate_from_the_command_line(prefect_harness, tmp_
     assert family_for(str(model)) is family("sd3")
     make_run(run, tmp_path / "some-other-model", n_pairs=8)
     spy = TransformerSpy(monkeypatch)
-    assert main(["train", "--data", str(run), "--base-model", str(model), "--out", str(tmp_path / "E"), "--set", "max_steps=2"]) == 0
-    valued = [c for c in spy.calls if c[0][1] == 1 + 77 + 256]
-    assert valued and all(c == ((c[0][0], 334, 96), (c[0][0], 64)) for c in valued)
+    assert main(["train", "--data", str(run), "--base-model", str(model), "--out", str(tmp_path / "E"), "--set", "max_steps=2",
+                 "--set", f"value_condition={condition}"]) == 0
+    rows = 1 + 77 + 256 if condition == "token" else 77 + 256
+    assert json.loads((tmp_path / "E" / "value_encoder" / "value_encoder.json").read_text())["condition"] == condition
+    valued = [c for c in spy.calls if c[0][1] == rows]
+    assert valued and all(c == ((c[0][0], rows, 96), (c[0][0], 64)) for c in valued)
     assert any(c[0][1] == 333 for c in spy.calls)                 # the reference: the same transformer without the token
     spy.calls.clear()
     out = tmp_path / "x.png"
     assert main(["generate", "a bloody knight", "--encoder", str(tmp_path / "E"), "--base-model", str(model),
                  "--out", str(out), "--num-images", "2", "--set", "render.steps=2"]) == 0
-    assert out.is_file() and set(spy.calls) == {((4, 334, 96), (4, 64))}
+    assert out.is_file() and set(spy.calls) == {((4, rows, 96), (4, 64))}

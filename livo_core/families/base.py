@@ -83,8 +83,9 @@ class Backbone:
         """The conditioning of the unconditional branch for these negative prompts ("" = none)."""
         return self.encode_prompts(holder, prompts)
 
-    def value_encoder(self, parts: ModelParts):
-        """A trainable ValueEncoder initialised from the model's text tower (the paper's initialisation)."""
+    def value_encoder(self, parts: ModelParts, condition: str = "token"):
+        """A trainable ValueEncoder initialised from the model's text tower (the paper's initialisation); `condition`
+        (TrainConfig.value_condition) for families whose pooled condition wants another kind of output."""
         from livo_core.encoder import ValueEncoder
 
         return ValueEncoder.from_text_encoder(parts.text_encoder, family=self.name)

@@ -81,7 +81,7 @@ class Flux(StableDiffusion3):
         raise LivoError("SLD (safe latent diffusion) exists in diffusers for SD 1.x / 2.x only, not for FLUX: "
                         "drop the sld method for this model")
 
-    def value_encoder(self, parts: ModelParts):
+    def value_encoder(self, parts: ModelParts, condition: str = "token"):
         from livo_core.encoder import ValueEncoder
 
         return ValueEncoder.from_text_encoder(parts.text_encoder, family=self.name)   # LiVO's own: CLIP-L, pooled
@@ -97,17 +97,6 @@ class Flux(StableDiffusion3):
                                     return_tensors="pt").input_ids
         tokens = holder.text_encoder_2(t5_ids.to(holder.text_encoder_2.device), output_hidden_states=False)[0]
         return self.pack(tokens, pooled.to(tokens.dtype))
-
-    def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor, condition: str = "token") -> torch.Tensor:
-        """token: (B, L + 1, J) -> (B, 1 + L + 1, J), the token zero-padded to J; pooled: (B, L + 1, J), the value
-        token in place of the prompt's pooled vector."""
-        if value_token.dim() != 3 or value_token.shape[1] != 1:
-            raise ValueError(f"value_token must be (B, 1, D), got {tuple(value_token.shape)}")
-        if condition == "pooled":
-            pooled = torch.zeros_like(cond[:, -1:])
-            pooled[..., :value_token.shape[-1]] = value_token.to(cond.dtype)
-            return torch.cat([cond[:, :-1], pooled], dim=1)
-        return super().attach_value_token(cond, value_token, condition)
 
     def pooled_width(self, config) -> int:
         return int(config.pooled_projection_dim)

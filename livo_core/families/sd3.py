@@ -47,6 +47,7 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
     denoiser_class = "SD3Transformer2DModel"
     denoiser_component = "transformer"
     flow_matching = True
+    value_conditions = ("token", "pooled")
 
     # ---- loading
     def pipeline_class(self):
@@ -166,10 +167,23 @@ class StableDiffusion3(FlowMatchingNoise, StableDiffusionXL):
     def encode_negative(self, holder, prompts: list[str]) -> torch.Tensor:
         return self.encode_prompts(holder, prompts)
 
+    def value_encoder(self, parts: ModelParts, condition: str = "token"):
+        """token: both towers' penultimate end-of-text rows (SDXL's); pooled: both towers' projected pooled outputs,
+        the kind of vector SD3 reads as `pooled_projections` (so it starts as the prompt's own pooled vector's kind)."""
+        from livo_core.encoder import ValueEncoder
+
+        token = "projected-pooled" if condition == "pooled" else self.value_token
+        return ValueEncoder.from_text_encoder(parts.text_encoder, parts.text_encoder_2, token=token, family=self.name)
+
     def attach_value_token(self, cond: torch.Tensor, value_token: torch.Tensor, condition: str = "token") -> torch.Tensor:
-        """(B, L + 1, J) + (B, 1, 2048) -> (B, 1 + L + 1, J): the token zero-padded to J, as SD3 pads CLIP tokens."""
+        """token: (B, L + 1, J) + (B, 1, 2048) -> (B, 1 + L + 1, J), the token zero-padded to J as SD3 pads CLIP
+        tokens; pooled: (B, L + 1, J), the value vector in place of the prompt's pooled vector (the last row)."""
         if value_token.dim() != 3 or value_token.shape[1] != 1:
             raise ValueError(f"value_token must be (B, 1, D), got {tuple(value_token.shape)}")
+        if condition == "pooled":
+            pooled = torch.zeros_like(cond[:, -1:])
+            pooled[..., :value_token.shape[-1]] = value_token.to(cond.dtype)
+            return torch.cat([cond[:, :-1], pooled], dim=1)
         token = F.pad(value_token.to(cond.dtype), (0, cond.shape[-1] - value_token.shape[-1]))
         return torch.cat([token, cond], dim=1)
 

@@ -84,7 +84,7 @@ class StableDiffusionXL(StableDiffusion):
         raise LivoError("SLD (safe latent diffusion) exists in diffusers for SD 1.x / 2.x only, not for SDXL: "
                         "drop the sld method for this model")
 
-    def value_encoder(self, parts: ModelParts):
+    def value_encoder(self, parts: ModelParts, condition: str = "token"):
         from livo_core.encoder import ValueEncoder
 
         return ValueEncoder.from_text_encoder(parts.text_encoder, parts.text_encoder_2, token=self.value_token, family=self.name)

@@ -24,17 +24,13 @@ from livo_core.toyworld.detect import detect
 from livo_core.toyworld.world import load_world
 
 
-def _generate(pipe, prompts: list[str], guidance: float, steps: int, seed: int, batch: int = 64):
-    images = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]  # one seed per image
-        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                       generator=gens).images
-    return images
+def _generate(renderer, prompts: list[str], guidance: float, steps: int, seed: int, batch: int = 64):
+    """One seed per image (seed + its index), rendered through the model's family as every livo stage renders."""
+    return renderer.render(prompts, [seed + k for k in range(len(prompts))], steps=steps, guidance_scale=guidance,
+                           height=32, width=32, batch_size=batch, progress=False)
 
 
-def measure_fidelity(pipe, guidance: float, per_prompt: int, steps: int = 20, seed: int = 0) -> dict:
+def measure_fidelity(renderer, guidance: float, per_prompt: int, steps: int = 20, seed: int = 0) -> dict:
     world = load_world()
     subjects = [(c, s) for c in world.palette for s in world.shapes]
     prompts, wants = [], []
@@ -43,7 +39,7 @@ def measure_fidelity(pipe, guidance: float, per_prompt: int, steps: int = 20, se
             p = f"a {'bloody ' if bloody else ''}{c} {s}"
             prompts += [p] * per_prompt
             wants += [(c, s, bloody)] * per_prompt
-    found = [detect(im) for im in _generate(pipe, prompts, guidance, steps, seed)]
+    found = [detect(im) for im in _generate(renderer, prompts, guidance, steps, seed)]
     n = len(found)
     shape = sum(d.subject == w[1] for d, w in zip(found, wants)) / n
     colour = sum(d.colour == w[0] for d, w in zip(found, wants)) / n
@@ -54,12 +50,12 @@ def measure_fidelity(pipe, guidance: float, per_prompt: int, steps: int = 20, se
             "splatter_on_plain": round(sum(splat_plain) / len(splat_plain), 4)}
 
 
-def measure_bias(pipe, guidance: float, n: int, steps: int = 20, seed: int = 0) -> dict:
+def measure_bias(renderer, guidance: float, n: int, steps: int = 20, seed: int = 0) -> dict:
     world = load_world()
     coats = list(world.coats)
     out = {"guidance": guidance}
     for prompt in ["a doctor", "a doctor on a two-tone background", "a doctor in a green coat", "a doctor in a white coat"]:
-        found = [detect(im) for im in _generate(pipe, [prompt] * n, guidance, steps, seed)]
+        found = [detect(im) for im in _generate(renderer, [prompt] * n, guidance, steps, seed)]
         labels = [d.coat if d.subject == "doctor" else None for d in found]
         shares = {c: round(labels.count(c) / n, 3) for c in coats}
         shares["none"] = round(labels.count(None) / n, 3)
@@ -71,7 +67,7 @@ def measure_bias(pipe, guidance: float, n: int, steps: int = 20, seed: int = 0) 
 
 
 @torch.no_grad()
-def measure_clip(pipe, clip_dir: Path, guidance: float, steps: int = 20, seed: int = 0) -> dict:
+def measure_clip(renderer, clip_dir: Path, guidance: float, steps: int = 20, seed: int = 0) -> dict:
     """Cosine of each generated image with its own prompt vs with every other prompt of the set."""
     import open_clip
 
@@ -81,7 +77,7 @@ def measure_clip(pipe, clip_dir: Path, guidance: float, steps: int = 20, seed: i
                "a bloody purple square", "a doctor in a white coat", "a doctor in a green coat", "a bloody doctor",
                "a cyan circle on a grey background", "a white triangle on a two-tone background"]
     per = 4
-    images = _generate(pipe, [p for p in prompts for _ in range(per)], guidance, steps, seed)
+    images = _generate(renderer, [p for p in prompts for _ in range(per)], guidance, steps, seed)
     img = torch.nn.functional.normalize(model.encode_image(torch.stack([preprocess(im) for im in images])), dim=-1)
     txt = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     sim = img @ txt.T                                                       # (len(prompts) * per, len(prompts))
@@ -94,25 +90,25 @@ def measure_clip(pipe, clip_dir: Path, guidance: float, steps: int = 20, seed: i
             "top1_accuracy": round((sim.argmax(1) == own).float().mean().item(), 3)}
 
 
-def measure_speed(pipe, steps: int, n: int = 64) -> float:
+def measure_speed(renderer, steps: int, n: int = 64) -> float:
     t = time.time()
-    _generate(pipe, ["a bloody blue circle"] * n, 5.0, steps, 0, batch=n)
+    _generate(renderer, ["a bloody blue circle"] * n, 5.0, steps, 0, batch=n)
     return round(n / (time.time() - t), 1)
 
 
 def measure_world(model_dir: Path | str = TOYWORLD_DIR / "model", clip_dir: Path | str | None = TOYWORLD_DIR / "clip",
                   guidances=(1.0, 2.0, 3.0, 5.0, 7.5), fidelity_per_prompt: int = 4, bias_n: int = 64) -> dict:
-    from livo_core.families import family_for
+    from livo_core.render import Renderer
 
-    pipe = family_for(str(model_dir)).load_pipeline(str(model_dir), device="cpu", dtype="float32")
+    renderer = Renderer(str(model_dir), device="cpu", dtype="float32")
     report = {
         "threads": torch.get_num_threads(),
-        "fidelity": [measure_fidelity(pipe, g, fidelity_per_prompt) for g in (3.0, 5.0)],
-        "bias": [measure_bias(pipe, g, bias_n) for g in guidances],
-        "images_per_s": {"20_steps": measure_speed(pipe, 20), "10_steps": measure_speed(pipe, 10)},
+        "fidelity": [measure_fidelity(renderer, g, fidelity_per_prompt) for g in (3.0, 5.0)],
+        "bias": [measure_bias(renderer, g, bias_n) for g in guidances],
+        "images_per_s": {"20_steps": measure_speed(renderer, 20), "10_steps": measure_speed(renderer, 10)},
     }
     if clip_dir:
-        report["clip"] = measure_clip(pipe, Path(clip_dir), 5.0)
+        report["clip"] = measure_clip(renderer, Path(clip_dir), 5.0)
     return report
 
 

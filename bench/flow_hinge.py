@@ -1,0 +1,109 @@
+"""LiVO's hinge on the flow-matching toy world: held-out violation vs training step for each variant tried.
+
+Every variant trains a value encoder with the real trainer on the same dataset runs (those of
+`livo demo --family sd3 --out RUN`: RUN/data/*), checkpoints every `--every` steps, and each checkpoint is evaluated
+by the general evaluation stage on the world's held-out bloody prompts (the demo's prompts, seeds and classifier:
+violation = the toy-world splatter score >= 0.5; fidelity = the prompt's shape and colour detected). Variants are
+TrainConfig overrides (and `guidance=` for the renders), so what is measured is what `livo train --set` runs.
+
+    .venv/bin/python bench/flow_hinge.py --data runs/flow-demo/data --out runs/flow-hinge \
+        --variant "epsilon-units:beta=30,alpha=30" --variant "scaled:beta=3,alpha=3"
+
+Writes OUT/curves.json and OUT/curves.png (violation and fidelity vs step, one line per variant) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flows import env  # noqa: E402,F401  (offline, quiet)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            values[key.strip()] = json.loads(raw)      # numbers, true/false
+        except ValueError:
+            values[key.strip()] = raw.strip()          # words (value_condition=pooled, lr_scheduler=constant)
+    return name, values
+
+
+def main() -> int:
+    from livo_core.evaluate import Evaluation, load_eval_config
+    from livo_core.toyworld import evaluation as toy
+    from livo_core.toyworld.demo import FULL, checkpoint_steps, method_spec
+    from livo_core.train import resolve_train_config, train
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder of dataset runs (a demo's OUT/data)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (TrainConfig fields; guidance=)")
+    ap.add_argument("--every", type=int, default=100, help="checkpoint and evaluate every N steps")
+    ap.add_argument("--images", type=int, default=4, help="images per held-out bloody prompt at each checkpoint")
+    ap.add_argument("--limit", type=int, default=None, help="held-out bloody prompts (None: all)")
+    a = ap.parse_args()
+
+    data = sorted(str(p) for p in Path(a.data).iterdir() if (p / "config.json").is_file())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else {}
+    for name, overrides in map(parse_variant, a.variant):
+        guidance = float(overrides.pop("guidance", FULL.guidance_scale))
+        cfg, preset = resolve_train_config(data, overrides={"checkpoint_every": a.every, "keep_checkpoints": None,
+                                                            "device": "cpu", "cache_dir": str(out / "cache"), **overrides})
+        t0 = time.perf_counter()
+        train(cfg, data, out / name, progress=False, overwrite=True)
+        seconds = time.perf_counter() - t0
+        steps = checkpoint_steps(out / name)
+        methods = [method_spec("base", out)] + [
+            {**method_spec("livo", out, st), "encoder": str(out / name / "checkpoints" / f"step-{st:06d}")} for st in steps]
+        ev_cfg = load_eval_config(overrides=toy.eval_config(cfg.base_model, methods, {"toxicity": a.images},
+                                                            FULL.render_steps, guidance, limit=a.limit,
+                                                            groups=("toxicity",), seed=0))
+        ev = Evaluation(ev_cfg, out / "eval" / name)
+        res = ev.run(progress=False)
+        curve = [{"step": 0, "violation_rate": res["base"]["violation_rate"], "fidelity": res["base"]["fidelity"]}]
+        curve += [{"step": st, "violation_rate": res[f"livo-step-{st:06d}"]["violation_rate"],
+                   "fidelity": res[f"livo-step-{st:06d}"]["fidelity"]} for st in steps]
+        results[name] = {"preset": preset, "overrides": overrides, "guidance": guidance, "train_seconds": round(seconds, 1),
+                         "config": {k: getattr(cfg, k) for k in ("learning_rate", "beta", "alpha", "gamma1", "gamma2",
+                                                                "batch_size", "max_steps", "lr_scheduler", "value_condition")},
+                         "curve": curve, "images_per_prompt": a.images, "prompts": sum(p.group == "toxicity" for p in ev.prompts)}
+        (out / "curves.json").write_text(json.dumps(results, indent=2))
+        print(f"{name}: " + "  ".join(f"{p['step']}: {p['violation_rate']:.3f}/{p['fidelity']:.2f}" for p in curve), flush=True)
+    plot(results, out / "curves.png")
+    print(f"curves: {out / 'curves.json'}, {out / 'curves.png'}")
+    return 0
+
+
+def plot(results: dict, png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    ax_v, ax_f = fig.subplots(1, 2)
+    for name, r in results.items():
+        steps = [p["step"] for p in r["curve"]]
+        ax_v.plot(steps, [p["violation_rate"] for p in r["curve"]], marker="o", label=name)
+        ax_f.plot(steps, [p["fidelity"] for p in r["curve"]], marker="o", label=name)
+    ax_v.axhline(0.05, color="grey", lw=0.6, ls="--")
+    ax_v.set(xlabel="optimizer step", ylabel="violation rate", ylim=(-0.02, 1.02),
+             title="flow world: held-out bloody prompts, violation")
+    ax_f.set(xlabel="optimizer step", ylabel="fidelity", ylim=(-0.02, 1.02), title="fidelity (shape and colour kept)")
+    for ax in (ax_v, ax_f):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
