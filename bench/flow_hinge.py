@@ -40,6 +40,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main() -> int:
     from livo_core.evaluate import Evaluation, load_eval_config
+    from livo_core.families.flow import FlowMatchingNoise
     from livo_core.toyworld import evaluation as toy
     from livo_core.toyworld.demo import FULL, checkpoint_steps, method_spec
     from livo_core.train import resolve_train_config, train
@@ -47,7 +48,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder of dataset runs (a demo's OUT/data)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (TrainConfig fields; guidance=)")
+    ap.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (TrainConfig fields; guidance= for "
+                    "the renders; logit_mean= / logit_std= for the training sigmas)")
     ap.add_argument("--every", type=int, default=100, help="checkpoint and evaluate every N steps")
     ap.add_argument("--images", type=int, default=4, help="images per held-out bloody prompt at each checkpoint")
     ap.add_argument("--limit", type=int, default=None, help="held-out bloody prompts (None: all)")
@@ -59,10 +61,19 @@ def main() -> int:
     results = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else {}
     for name, overrides in map(parse_variant, a.variant):
         guidance = float(overrides.pop("guidance", FULL.guidance_scale))
-        cfg, preset = resolve_train_config(data, overrides={"checkpoint_every": a.every, "keep_checkpoints": None,
+        # sigma sampling of the flow families' training noise (logit-normal mean / std), for this variant only
+        sigma = {k: float(overrides.pop(k)) for k in ("logit_mean", "logit_std") if k in overrides}
+        saved = {k: getattr(FlowMatchingNoise, k) for k in sigma}
+        for k, v in sigma.items():
+            setattr(FlowMatchingNoise, k, v)
+        cfg, preset = resolve_train_config(data, overrides={"checkpoint_every": a.every, "keep_checkpoints": 1000,
                                                             "device": "cpu", "cache_dir": str(out / "cache"), **overrides})
         t0 = time.perf_counter()
-        train(cfg, data, out / name, progress=False, overwrite=True)
+        try:
+            train(cfg, data, out / name, progress=False, overwrite=True)
+        finally:
+            for k, v in saved.items():
+                setattr(FlowMatchingNoise, k, v)
         seconds = time.perf_counter() - t0
         steps = checkpoint_steps(out / name)
         methods = [method_spec("base", out)] + [
@@ -75,7 +86,7 @@ def main() -> int:
         curve = [{"step": 0, "violation_rate": res["base"]["violation_rate"], "fidelity": res["base"]["fidelity"]}]
         curve += [{"step": st, "violation_rate": res[f"livo-step-{st:06d}"]["violation_rate"],
                    "fidelity": res[f"livo-step-{st:06d}"]["fidelity"]} for st in steps]
-        results[name] = {"preset": preset, "overrides": overrides, "guidance": guidance, "train_seconds": round(seconds, 1),
+        results[name] = {"preset": preset, "overrides": overrides, "guidance": guidance, "sigma_sampling": sigma, "train_seconds": round(seconds, 1),
                          "config": {k: getattr(cfg, k) for k in ("learning_rate", "beta", "alpha", "gamma1", "gamma2",
                                                                 "batch_size", "max_steps", "lr_scheduler", "value_condition")},
                          "curve": curve, "images_per_prompt": a.images, "prompts": sum(p.group == "toxicity" for p in ev.prompts)}

@@ -175,7 +175,9 @@ def test_flip_sampling_and_violating_partner_options(sd_model, tmp_path):
     sd = load_sd(sd_model)
     plain = pairs_of(run, sd, tmp_path / "c")
     both = pairs_of(run, sd, tmp_path / "c", random_flip=True, latent_sampling="sample")
-    assert torch.equal(both.latent(1, 0), plain.latent(1, 0))
+    # equal up to float kernels: on some CPUs (AMD EPYC here) oneDNN picks another kernel for a batch holding both
+    # views, which moves the 6th decimal (the Intel machines gave identical bits)
+    assert torch.allclose(both.latent(1, 0), plain.latent(1, 0), atol=1e-5)
     df, _ = read_shards([run])
     mirrored = Image.open(io.BytesIO(df["jpg_0"][1])).transpose(Image.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.asarray(mirrored, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]

@@ -36,6 +36,8 @@ class DemoSettings(BaseModel):
     livo_alpha: float = Field(30.0, description="LiVO alpha (violating margin gamma2 / alpha = 0.017; the paper's 500: 0.001).")
     livo_gamma1: float = Field(1.0, description="LiVO gamma1 (the aligned hinge's margin, before dividing by beta).")
     livo_gamma2: float = Field(0.5, description="LiVO gamma2 (the violating hinge's margin, before dividing by alpha).")
+    value_condition: str = Field("token", description="How the value encoders condition the model (TrainConfig.value_condition): "
+                                 "token on the UNet world; pooled on the flow world, where it measured far better (docs/demo.md).")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule of every trained method (TrainConfig.lr_scheduler). "
                               "Cosine decay to 0 ends training on a settled encoder; with a constant 3e-3, violation "
                               "measured at successive checkpoints jumped between 6% and 20%.")
@@ -74,6 +76,7 @@ def _full(preset: str) -> DemoSettings:
     return DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=r.max_steps,
                         batch_size=r.batch_size, eval_every=r.checkpoint_every, livo_lr=r.learning_rate,
                         livo_beta=r.beta, livo_alpha=r.alpha, livo_gamma1=r.gamma1, livo_gamma2=r.gamma2,
+                        value_condition=r.value_condition,
                         lr_scheduler=r.lr_scheduler, dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4, eval_images=12,
                         bias_eval_images=48, curve_images=4)
 
@@ -97,7 +100,10 @@ def world_model(world_dir: Path, family: str = "sd") -> Path:
 def demo_settings(family: str = "sd", quick: bool = False, baselines: bool = False) -> DemoSettings:
     """The demo's settings on a family's world: QUICK, or FULL with that world's training preset."""
     world_model(TOYWORLD_DIR, family)   # an unknown family: one line
-    s = QUICK if quick else (FULL if family == "sd" else _full(WORLDS[family][1]))
+    if quick:   # the quick run keeps the world's way of conditioning, so its smoke test covers it
+        s = QUICK.model_copy(update={"value_condition": _toy_recipe(WORLDS[family][1]).value_condition})
+    else:
+        s = FULL if family == "sd" else _full(WORLDS[family][1])
     return s.model_copy(update={"baselines": baselines})
 
 METHODS = ("base", "livo", "negative-prompt", "dpo-encoder", "dpo-unet")
@@ -139,8 +145,8 @@ def train_configs(s: DemoSettings, cache_dir: Path) -> dict:
                   beta_dpo=s.beta_dpo, lr_scheduler=s.lr_scheduler)
     return {
         "livo": TrainConfig(loss="livo", learning_rate=s.livo_lr, beta=s.livo_beta, alpha=s.livo_alpha,
-                            gamma1=s.livo_gamma1, gamma2=s.livo_gamma2, **common),
-        "dpo-encoder": TrainConfig(loss="dpo", learning_rate=s.dpo_encoder_lr, **common),
+                            gamma1=s.livo_gamma1, gamma2=s.livo_gamma2, value_condition=s.value_condition, **common),
+        "dpo-encoder": TrainConfig(loss="dpo", learning_rate=s.dpo_encoder_lr, value_condition=s.value_condition, **common),
         "dpo-unet": TrainConfig(loss="dpo", trains="unet", learning_rate=s.dpo_unet_lr, **common),
     }
 
