@@ -192,7 +192,7 @@ def main() -> None:
             f"is measured), one Prefect task per shard, livo's own local Prefect API server (SQLite); median of {args.repeats} "
             "interleaved runs per shard count, each in a fresh process",
             "",
-            f"| shards | flow CPU ms/shard | server CPU ms/shard | wall ms/shard | start + finish (s) | HTTP 503 retries (each run) |",
+            "| shards | flow CPU ms/shard | server CPU ms/shard | wall ms/shard | start + finish (s) | HTTP 503 retries (each run) |",
             "|---|---|---|---|---|---|",
             rows,
             "",

@@ -103,8 +103,9 @@ def demo_settings(family: str = "sd", quick: bool = False, baselines: bool = Fal
     if quick:   # the quick run keeps the world's way of conditioning, so its smoke test covers it
         s = QUICK.model_copy(update={"value_condition": _toy_recipe(WORLDS[family][1]).value_condition})
     else:
-        s = FULL if family == "sd" else _full(WORLDS[family][1])
+        s = _full(WORLDS[family][1])
     return s.model_copy(update={"baselines": baselines})
+
 
 METHODS = ("base", "livo", "negative-prompt", "dpo-encoder", "dpo-unet")
 TRAINED = ("livo", "dpo-encoder", "dpo-unet")
