@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_step import PeakRSS, make_pairs, write_bench_run  # noqa: E402
+from train_step import PeakRSS, make_pairs, timed_steps, write_bench_run  # noqa: E402
 
 
 def run_variant(variant: str, model: str, opts: dict, queue) -> None:
@@ -82,14 +82,8 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    wall, cpu = [], []
     with PeakRSS() as rss:
-        for i in range(opts["warmup"] + opts["steps"]):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            full_step()
-            if i >= opts["warmup"]:
-                wall.append((time.perf_counter() - t0) * 1000)
-                cpu.append((time.thread_time() - c0) * 1000)
+        wall, cpu = timed_steps(full_step, opts["warmup"], opts["steps"])
     queue.put({"variant": variant, "ms": wall, "cpu_ms": cpu, "peak_gb": rss.peak / 2**30, "load_peak_gb": load_rss.peak / 2**30})
 
 

@@ -99,6 +99,18 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def timed_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run `step` warmup + steps times; wall and thread-CPU milliseconds of the timed (post-warm-up) calls."""
+    wall, cpu = [], []
+    for i in range(warmup + steps):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        step()
+        if i >= warmup:
+            wall.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.thread_time() - c0) * 1000)
+    return wall, cpu
+
+
 def run_variant(variant: str, model: str, opts: dict, queue) -> None:
     """In a child process: build the step, warm up, time `opts['steps']` steps, count one step's FLOPs."""
     import torch
@@ -201,14 +213,8 @@ def run_variant(variant: str, model: str, opts: dict, queue) -> None:
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    wall, cpu = [], []
     with PeakRSS() as rss:   # from before the first step: warm-up steps allocate what every step needs
-        for i in range(opts["warmup"] + opts["steps"]):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            full_step()
-            if i >= opts["warmup"]:
-                wall.append((time.perf_counter() - t0) * 1000)
-                cpu.append((time.thread_time() - c0) * 1000)
+        wall, cpu = timed_steps(full_step, opts["warmup"], opts["steps"])
     peak = (torch.cuda.max_memory_allocated() - held) if cuda else (rss.peak - rss.start)
     counter = FlopCounterMode(display=False)
     with counter:

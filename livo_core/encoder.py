@@ -85,7 +85,7 @@ class ValueEncoder(torch.nn.Module):
             pass
         except (OSError, ValueError):
             raise LivoError(f"{candidate / 'value_encoder.json'} cannot be read: restore the encoder folder") from None
-        key = "projection_dim" if meta["token"] == "projected-pooled" else "hidden_size"
+        key = cls._width_key(meta["token"])
         widths = [json.loads((candidate / "config.json").read_text())[key]]
         if meta["towers"] == 2:
             widths.append(json.loads((candidate / "tower_2" / "config.json").read_text())[key])
@@ -94,8 +94,13 @@ class ValueEncoder(torch.nn.Module):
     @property
     def width(self) -> int:
         """The value token's width: the width of the conditioning tokens it joins (of the pooled vector it replaces)."""
-        key = "projection_dim" if self.token == "projected-pooled" else "hidden_size"
+        key = self._width_key(self.token)
         return sum(getattr(m.config, key) for m in (self.text_model, self.text_model_2) if m is not None)
+
+    @staticmethod
+    def _width_key(token: str) -> str:
+        """The tower config field that gives the token's width: a projected pooled output is projection_dim wide."""
+        return "projection_dim" if token == "projected-pooled" else "hidden_size"
 
     @staticmethod
     def folder_of(folder: str | Path) -> Path:

@@ -131,6 +131,15 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _update(opt, params, loss: torch.Tensor, ema: float | None) -> float:
+    """One optimizer step on `loss` (gradients clipped to norm 1); returns the loss's running mean (0.98)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+
+
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
     """Multiplier: linear warm-up, then cosine decay to 0."""
     if step < warmup:
@@ -239,11 +248,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scaling: float, token_ids:
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weight[t] * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _update(opt, params, loss, ema)
         if step % 50 == 0 or step == s.unet_steps - 1:
             _log(progress, f"[unet] step {step + 1}/{s.unet_steps} loss {ema:.4f} {time.time() - t0:.0f}s")
     unet.eval().requires_grad_(False)

@@ -25,7 +25,8 @@ import torch
 
 from livo_core.models import clip_tokenizer
 from livo_core.paths import TOYWORLD_DIR
-from livo_core.toyworld.build import LATENT_SIZE, TEXT_WIDTH, _cosine_lr, _log, _to_unit, encode_pool, render_pool
+from livo_core.toyworld.build import (LATENT_SIZE, TEXT_WIDTH, _cosine_lr, _log, _to_unit, _update, encode_pool,
+                                     render_pool)
 
 TRAINING_PRESET = "toyworld-sd3"   # livo_core/data/configs/train-toyworld-sd3.toml: the hinge in velocity units
 JOINT_WIDTH = 2 * TEXT_WIDTH     # the two towers side by side (no zero padding needed)
@@ -121,11 +122,7 @@ def train_transformer(mean, std, scaling, token_ids, empty_ids, world_model: Pat
         pred = transformer(hidden_states=xt, timestep=t, encoder_hidden_states=tokens[inverse],
                            pooled_projections=pooled[inverse]).sample
         loss = (pred - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _update(opt, params, loss, ema)
         if step % 50 == 0 or step == s.steps - 1:
             curve.append([step + 1, round(ema, 5)])
             _log(progress, f"[sd3] step {step + 1}/{s.steps} loss {ema:.4f} {time.time() - t0:.0f}s")
