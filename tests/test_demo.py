@@ -31,21 +31,39 @@ def test_demo_of_a_world_not_built_names_the_build_command(tmp_path, capsys, mon
     assert "livo: error:" in err and "livo toyworld build --family sd3" in err and not (tmp_path / "out").exists()
 
 
+def test_each_world_has_its_own_demo_settings(tmp_path):
+    """The UNet world's demo runs as measured (FULL: its preset, guidance 5); the flow world renders at its own
+    guidance, dataset and evaluation alike, with its own training preset."""
+    from livo_core.toyworld.demo import FULL, WORLDS, dataset_config, demo_settings, demo_values
+    from livo_core.train import load_train_config
+
+    assert demo_settings("sd") == FULL and FULL.guidance_scale == 5.0
+    flow = demo_settings("sd3")
+    world = WORLDS["sd3"][2]
+    assert flow.guidance_scale == world["guidance_scale"] != FULL.guidance_scale
+    assert demo_settings("sd3", quick=True).guidance_scale == flow.guidance_scale
+    assert (flow.value_condition, flow.livo_beta) == ("pooled", load_train_config(preset="toyworld-sd3").beta)
+    for value in demo_values():
+        cfg = dataset_config(flow, value, tmp_path, family="sd3")
+        assert cfg["render"]["guidance_scale"] == flow.guidance_scale and cfg["base_model"].endswith("model-sd3")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_quick_demo_runs_every_stage(prefect_harness, toyworld_model, tmp_path, family):
     """The UNet world (sd) and the flow-matching world (sd3: an SD 3 transformer, velocity errors in the hinge)."""
     from flows.demo import demo_flow
     from livo_core.paths import TOYWORLD_DIR
-    from livo_core.toyworld.demo import world_model
+    from livo_core.toyworld.demo import demo_settings, world_model
 
     if not (world_model(TOYWORLD_DIR, family) / "model_index.json").is_file():
         pytest.skip(f"the {family} toy world is not built: `livo toyworld build --family {family}`")
     out = tmp_path / "demo"
     returned = demo_flow(out_dir=str(out), quick=True, baselines=True, family=family)
     assert returned["settings"]["family"] == family
-    assert json.loads((out / "data" / "bloody-inappropriate" / "config.json").read_text())["base_model"] == \
-        str(world_model(TOYWORLD_DIR, family))
+    data_config = json.loads((out / "data" / "bloody-inappropriate" / "config.json").read_text())
+    assert data_config["base_model"] == str(world_model(TOYWORLD_DIR, family))
+    assert data_config["render"]["guidance_scale"] == demo_settings(family, quick=True).guidance_scale
 
     for name in ("report.md", "metrics.json", "grid.png", "training_curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -71,14 +71,15 @@ def _toy_recipe(preset: str = "toyworld"):
     return load_train_config(preset=preset)
 
 
-def _full(preset: str) -> DemoSettings:
+def _full(preset: str, **world) -> DemoSettings:
+    """The measured demo on a world: its training preset's recipe, then the world's own settings (WORLDS)."""
     r = _toy_recipe(preset)
-    return DemoSettings(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, train_steps=r.max_steps,
-                        batch_size=r.batch_size, eval_every=r.checkpoint_every, livo_lr=r.learning_rate,
-                        livo_beta=r.beta, livo_alpha=r.alpha, livo_gamma1=r.gamma1, livo_gamma2=r.gamma2,
-                        value_condition=r.value_condition,
-                        lr_scheduler=r.lr_scheduler, dpo_encoder_lr=5e-3, dpo_unet_lr=1e-4, eval_images=12,
-                        bias_eval_images=48, curve_images=4)
+    recipe = dict(train_steps=r.max_steps, batch_size=r.batch_size, eval_every=r.checkpoint_every,
+                  livo_lr=r.learning_rate, livo_beta=r.beta, livo_alpha=r.alpha, livo_gamma1=r.gamma1,
+                  livo_gamma2=r.gamma2, value_condition=r.value_condition, lr_scheduler=r.lr_scheduler)
+    return DemoSettings(**{**dict(prompts_per_value=48, images_per_prompt={"toxicity": 6, "bias": 12}, dpo_encoder_lr=5e-3,
+                                  dpo_unet_lr=1e-4, eval_images=12, bias_eval_images=48, curve_images=4, **recipe),
+                           **world})
 
 
 FULL = _full("toyworld")
@@ -86,8 +87,12 @@ QUICK = DemoSettings(prompts_per_value=8, images_per_prompt={"toxicity": 1, "bia
                      train_steps=4, batch_size=4, eval_every=2, livo_lr=1e-4, dpo_encoder_lr=1e-4,
                      dpo_unet_lr=1e-4, eval_images=2, bias_eval_images=2, curve_images=2, eval_prompts_per_group=2)
 
-# The worlds the demo runs on: family -> (model folder in the world's folder, its training preset).
-WORLDS = {"sd": ("model", "toyworld"), "sd3": ("model-sd3", "toyworld-sd3")}
+# The worlds the demo runs on: family -> (model folder in the world's folder, its training preset, the demo
+# settings that differ there; they apply to the quick run too). The flow world renders its dataset and evaluation
+# at guidance 2: at 5 its guidance paints red-orange edge pixels on 12.5% of the held-out harmless images (a floor
+# under any value's violation rate), at 3 on 6%, at 2 on 3% (docs/demo.md). The UNet world: its measured FULL.
+WORLDS = {"sd": ("model", "toyworld", {}),
+          "sd3": ("model-sd3", "toyworld-sd3", {"guidance_scale": 2.0})}
 
 
 def world_model(world_dir: Path, family: str = "sd") -> Path:
@@ -101,9 +106,10 @@ def demo_settings(family: str = "sd", quick: bool = False, baselines: bool = Fal
     """The demo's settings on a family's world: QUICK, or FULL with that world's training preset."""
     world_model(TOYWORLD_DIR, family)   # an unknown family: one line
     if quick:   # the quick run keeps the world's way of conditioning, so its smoke test covers it
-        s = QUICK.model_copy(update={"value_condition": _toy_recipe(WORLDS[family][1]).value_condition})
+        s = QUICK.model_copy(update={"value_condition": _toy_recipe(WORLDS[family][1]).value_condition,
+                                     **WORLDS[family][2]})
     else:
-        s = _full(WORLDS[family][1])
+        s = _full(WORLDS[family][1], **WORLDS[family][2])
     return s.model_copy(update={"baselines": baselines})
 
 
