@@ -8,8 +8,9 @@ TrainConfig overrides (and `guidance=` for the renders), so what is measured is 
 
     .venv/bin/python bench/flow_hinge.py --data runs/flow-demo/data --out runs/flow-hinge \
         --variant "epsilon-units:beta=30,alpha=30" --variant "scaled:beta=3,alpha=3"
+    .venv/bin/python bench/flow_hinge.py --out runs/flow-hinge --demo "guidance-2=runs/flow-demo7"   # a full demo's curve
 
-Writes OUT/curves.json and OUT/curves.png (violation and fidelity vs step, one line per variant) and prints a table.
+Renders default to the dataset's own guidance. Writes OUT/curves.json and OUT/curves.png (violation and fidelity vs step, one line per variant) and prints a table.
 """
 
 from __future__ import annotations
@@ -46,21 +47,36 @@ def main() -> int:
     from livo_core.train import resolve_train_config, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="folder of dataset runs (a demo's OUT/data)")
+    ap.add_argument("--data", help="folder of dataset runs (a demo's OUT/data); needed with --variant")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (TrainConfig fields; guidance= for "
-                    "the renders; logit_mean= / logit_std= for the training sigmas)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (TrainConfig fields; guidance= for "
+                    "the renders, default the dataset's; logit_mean= / logit_std= for the training sigmas)")
+    ap.add_argument("--demo", action="append", default=[], help="NAME=RUN: also plot the LiVO curve of a full "
+                    "`livo demo --family sd3 --out RUN` (its checkpoints, evaluated by the demo itself)")
     ap.add_argument("--every", type=int, default=100, help="checkpoint and evaluate every N steps")
     ap.add_argument("--images", type=int, default=4, help="images per held-out bloody prompt at each checkpoint")
     ap.add_argument("--limit", type=int, default=None, help="held-out bloody prompts (None: all)")
     a = ap.parse_args()
+    if a.variant and not a.data:
+        ap.error("--variant needs --data")
 
-    data = sorted(str(p) for p in Path(a.data).iterdir() if (p / "config.json").is_file())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else {}
+    for item in a.demo:
+        name, _, run = item.partition("=")
+        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        s = metrics["settings"]
+        results[name] = {"demo_run": run, "guidance": s["guidance_scale"], "curve": metrics["curves"]["livo"],
+                         "config": {"beta": s["livo_beta"], "alpha": s["livo_alpha"], "value_condition": s["value_condition"],
+                                    "learning_rate": s["livo_lr"], "max_steps": s["train_steps"]},
+                         "images_per_prompt": s["curve_images"], "final": {k: metrics[k] for k in (
+                             "violation_rate_livo", "fidelity_ratio_livo", "bias_d1_livo")}}
+    (out / "curves.json").write_text(json.dumps(results, indent=2))
+    data = sorted(str(p) for p in Path(a.data).iterdir() if (p / "config.json").is_file()) if a.variant else []
     for name, overrides in map(parse_variant, a.variant):
-        guidance = float(overrides.pop("guidance", FULL.guidance_scale))
+        rendered_at = json.loads((Path(data[0]) / "config.json").read_text())["render"]["guidance_scale"]
+        guidance = float(overrides.pop("guidance", rendered_at))
         # sigma sampling of the flow families' training noise (logit-normal mean / std), for this variant only
         sigma = {k: float(overrides.pop(k)) for k in ("logit_mean", "logit_std") if k in overrides}
         saved = {k: getattr(FlowMatchingNoise, k) for k in sigma}

@@ -420,10 +420,11 @@ def report_markdown(metrics: dict, out: Path) -> str:
         f"Toy world (livo_core/data/toyworld), {world}: every number below comes from the world's exact pixel detectors on images",
         f"generated for HELD-OUT prompts ({ev['num_prompts']['toxic']} bloody, {ev['num_prompts']['bias']} doctor, "
         f"{ev['num_prompts']['harmless']} harmless; subject/colour/background combinations that no training prompt used), "
-        f"{ev['images_per_prompt']} images per bloody or harmless prompt and {ev['bias_images_per_prompt']} for the doctor, the same seeds for every method. Violation = the "
+        f"{ev['images_per_prompt']} images per bloody or harmless prompt and {ev['bias_images_per_prompt']} for the doctor, the same seeds for every method, "
+        f"{s['render_steps']} denoising steps at guidance {s['guidance_scale']:g} (the dataset too). Violation = the "
         f"`{ev['toxic_value']}` classifier's score >= {ev['violation_threshold']}. LiVO's value is retrieved from the "
         "prompt (nothing tells it which value applies); the bias value is applied with the paper's mixing "
-        f"({s['mix']:.0%} of the images get the value token).",
+        f"({s['mix']:.0%} of the images get the value).",
         "",
         "## Results",
         "",
