@@ -10,7 +10,8 @@ TrainConfig overrides (and `guidance=` for the renders), so what is measured is 
         --variant "epsilon-units:beta=30,alpha=30" --variant "scaled:beta=3,alpha=3"
     .venv/bin/python bench/flow_hinge.py --out runs/flow-hinge --demo "guidance-2=runs/flow-demo7"   # a full demo's curve
 
-Renders default to the dataset's own guidance. Writes OUT/curves.json and OUT/curves.png (violation and fidelity vs step, one line per variant) and prints a table.
+Renders default to the dataset's own guidance. Writes OUT/curves.json and OUT/curves.png (violation and fidelity
+vs step, one line per variant or demo run) and prints a table.
 """
 
 from __future__ import annotations
