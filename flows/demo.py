@@ -21,6 +21,7 @@ import base64
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def cli_toyworld(args) -> int:
         if args.steps is not None and args.steps < 1:
             raise LivoError(f"--steps must be at least 1, got {args.steps}")
         out = Path(args.out) if args.out else TOYWORLD_DIR
+        import torch
+
+        if torch.get_num_threads() > 1:   # a 2-thread rebuild of the flow world gave other weights (docs/toyworld.md)
+            print(f"livo: note: building on {torch.get_num_threads()} threads; the weights are reproducible on one "
+                  "(OMP_NUM_THREADS=1), as the shipped worlds were built", file=sys.stderr)
         if getattr(args, "family", "sd") == "sd3":
             from livo_core.toyworld.flow_build import build_flow_world
 

@@ -204,13 +204,16 @@ def test_shipped_clip_prefers_the_matching_caption():
 
 # --------------------------------------------------------------------------- the build
 @pytest.mark.slow
-def test_cli_builds_a_loadable_world_in_a_few_steps(tmp_path):
+def test_cli_builds_a_loadable_world_in_a_few_steps(tmp_path, capsys):
     import open_clip
+    import torch
     from diffusers import StableDiffusionPipeline
 
     from flows.cli import main
 
     assert main(["toyworld", "build", "--out", str(tmp_path), "--steps", "2"]) == 0
+    # more than one thread: the build says how to make it reproducible
+    assert ("OMP_NUM_THREADS=1" in capsys.readouterr().err) == (torch.get_num_threads() > 1)
     report = json.loads((tmp_path / "build.json").read_text())
     assert report["settings"]["unet_steps"] == 2
     assert report["vae"]["scaling_factor"] > 0
