@@ -705,7 +705,8 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
         value_encoder.train()
 
     last: dict[str, float] = {}
-    trace = [] if os.environ.get("LIVO_TRACE_RANKS") else None   # TEST HOOK: the pairs each process trained on
+    trace = [] if os.environ.get("LIVO_TRACE_RANKS") else None   # TEST HOOK: the pairs each process trained on, one
+    # file per rank in that folder (two ranks printing long lines to one pipe interleave them)
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = Sampler(len(data), cfg.seed)
     flip, sample = cfg.random_flip, cfg.latent_sampling == "sample"
@@ -750,8 +751,9 @@ def _train(cfg, shards, data_dirs, out_dir, resume, progress, overwrite, measure
     if trace is not None:
         weights = accelerator.unwrap_model(value_encoder).state_dict()
         digest = hashlib.sha256(b"".join(weights[k].detach().cpu().numpy().tobytes() for k in sorted(weights))).hexdigest()
-        print("livo-trace " + json.dumps({"rank": accelerator.process_index, "of": accelerator.num_processes,
-                                          "steps_from": state["step"], "pairs": trace, "encoder_sha256": digest}), flush=True)
+        Path(os.environ["LIVO_TRACE_RANKS"], f"rank-{accelerator.process_index}.json").write_text(json.dumps(
+            {"rank": accelerator.process_index, "of": accelerator.num_processes, "steps_from": state["step"],
+             "pairs": trace, "encoder_sha256": digest}))
     final = out_dir / part.folder
     if main:
         save_encoder(accelerator.unwrap_model(value_encoder), final)

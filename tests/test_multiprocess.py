@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ def launch(data: Path, out: Path, api_url: str, *extra: str) -> tuple[subprocess
            "--dynamo_backend", "no", "--main_process_port", str(_port()), "-m", "flows.cli", "train", "--data", str(data),
            "--out", str(out), "--set", "device=cpu", "--set", "batch_size=3", "--set", "checkpoint_every=2",
            "--set", "learning_rate=1e-3", "--set", "log_every=1", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIVO_TRACE_RANKS": "1", "PREFECT_API_URL": api_url}
+    trace_dir = Path(tempfile.mkdtemp(prefix="livo-trace-"))   # each rank writes its own file there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIVO_TRACE_RANKS": str(trace_dir), "PREFECT_API_URL": api_url}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    traces = sorted((json.loads(line.removeprefix("livo-trace ")) for line in r.stdout.splitlines()
-                     if line.startswith("livo-trace ")), key=lambda t: t["rank"])
+    traces = sorted((json.loads(f.read_text()) for f in trace_dir.glob("rank-*.json")), key=lambda t: t["rank"])
     return r, traces
 
 
