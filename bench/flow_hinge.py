@@ -75,8 +75,8 @@ def main() -> int:
                              "violation_rate_livo", "fidelity_ratio_livo", "bias_d1_livo")}}
     (out / "curves.json").write_text(json.dumps(results, indent=2))
     data = sorted(str(p) for p in Path(a.data).iterdir() if (p / "config.json").is_file()) if a.variant else []
+    rendered_at = json.loads((Path(data[0]) / "config.json").read_text())["render"]["guidance_scale"] if data else None
     for name, overrides in map(parse_variant, a.variant):
-        rendered_at = json.loads((Path(data[0]) / "config.json").read_text())["render"]["guidance_scale"]
         guidance = float(overrides.pop("guidance", rendered_at))
         # sigma sampling of the flow families' training noise (logit-normal mean / std), for this variant only
         sigma = {k: float(overrides.pop(k)) for k in ("logit_mean", "logit_std") if k in overrides}
